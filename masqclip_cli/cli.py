@@ -20,7 +20,7 @@ app = typer.Typer(
     help=(
         "Open-vocabulary universal image segmentation (semantic, instance, panoptic) for any list of class names, "
         "built on MasQCLIP (ICCV 2023).\n\n"
-        "Start with the vocabulary: `masqclip vocab show \"person; car, automobile; road [stuff]\"` shows how a "
+        "Start with the vocabulary: `masqclip vocab show \"person; car, automobile; road \\[stuff]\"` shows how a "
         "class list is read; `masqclip vocab presets` lists the standard benchmark vocabularies."
     ),
     no_args_is_help=True,
@@ -30,10 +30,10 @@ app = typer.Typer(
 vocab_app = typer.Typer(
     help=(
         "Inspect vocabularies. A VOCAB is, in this order of precedence: a file (text: one class per line, "
-        "`name, synonym, ... [thing|stuff]`, `label: name, name` encodes only the names after the colon, `#` "
+        "`name, synonym, ... \\[thing|stuff]`, `label: name, name` encodes only the names after the colon, `#` "
         "comments; or JSON: a list of {name, synonyms, isthing, id, color}); a preset name (`coco-panoptic`, "
         "`ade20k-150`, ... or `preset:NAME`); or an inline list separated by `;` "
-        "(`\"person; car, automobile; road [stuff]\"`, a trailing `;` forces inline)."
+        "(`\"person; car, automobile; road \\[stuff]\"`, a trailing `;` forces inline)."
     ),
     no_args_is_help=True,
 )
@@ -66,7 +66,7 @@ def main_callback(
 
 @vocab_app.command("show")
 def vocab_show(
-    vocab: str = typer.Argument(..., help="A vocabulary file, a preset name or an inline `a; b; c [stuff]` list."),
+    vocab: str = typer.Argument(..., help="A vocabulary file, a preset name or an inline `a; b; c \\[stuff]` list."),
     as_json: bool = typer.Option(False, "--json", help="Print the parsed vocabulary as JSON (the JSON file format)."),
 ) -> None:
     """Print how a vocabulary is parsed: index, id, display name, the names that are encoded, thing/stuff."""

@@ -741,5 +741,7 @@ def read_templates(spec: str | Path | None) -> list[str] | None:
             raise VocabularyError("empty templates spec (use 'none', 'vild' or a templates file)")
     path = Path(spec)
     if not _exists(path):
-        raise VocabularyError("no such templates file (use 'none', 'vild' or a file with one template per line)", str(path))
+        raise VocabularyError(
+            "no such templates file (use 'none', 'vild' or a file with one template per line)", str(path)
+        )
     return _parse_templates(_read_text_file(path, "templates file"), str(path))

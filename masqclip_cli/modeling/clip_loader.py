@@ -159,9 +159,10 @@ def create_open_clip(
     except Exception as exc:  # noqa: BLE001 - offline: the hub is unreachable
         raise WeightsNotFoundError(
             f"weights for open_clip {name} '{pretrained}' are not in the local cache and could not be downloaded "
-            f"({type(exc).__name__}); download them on a connected machine, or here with MASQCLIP_ALLOW_DOWNLOAD=1 (open_clip.create_model('{name}', "
-            f"pretrained='{pretrained}') fills the cache) or pass the weights file path instead of the tag"
-        ) from exc
+            f"({type(exc).__name__}); download them on a connected machine, or here with "
+            f"MASQCLIP_ALLOW_DOWNLOAD=1 (open_clip.create_model('{name}', pretrained='{pretrained}') fills the "
+            "cache), or pass the weights file path instead of the tag"
+        )) from exc
     return clip.eval(), ClipSpec(name, cfg, str(pretrained), f"{name}/{pretrained}", tokenizer)
 
 
