@@ -162,7 +162,7 @@ def create_open_clip(
             f"({type(exc).__name__}); download them on a connected machine, or here with "
             f"MASQCLIP_ALLOW_DOWNLOAD=1 (open_clip.create_model('{name}', pretrained='{pretrained}') fills the "
             "cache), or pass the weights file path instead of the tag"
-        )) from exc
+        ) from exc
     return clip.eval(), ClipSpec(name, cfg, str(pretrained), f"{name}/{pretrained}", tokenizer)
 
 
