@@ -109,15 +109,19 @@ class MasQVisualOutput:
 
 
 def _unsupported(what: str) -> ValueError:
-    return ValueError(f"unsupported CLIP vision tower: {what}; MasQ needs an open_clip class-token ViT "
-                      "(VisionTransformer, pool_type='tok', standard ResidualAttentionBlock)")
+    return ValueError(
+        f"unsupported CLIP vision tower: {what}; MasQ needs an open_clip class-token ViT "
+        "(VisionTransformer, pool_type='tok', standard ResidualAttentionBlock)"
+    )
 
 
 def _check_supported(visual: nn.Module) -> None:
     """Raise a one-line ValueError naming the first property of ``visual`` that MasQ cannot handle."""
     if not isinstance(visual, VisionTransformer):
-        raise _unsupported(f"{type(visual).__name__} is not an open_clip VisionTransformer (timm/ResNet towers "
-                           "have no class token to copy)")
+        raise _unsupported(
+            f"{type(visual).__name__} is not an open_clip VisionTransformer (timm/ResNet towers "
+            "have no class token to copy)"
+        )
     if getattr(visual, "attn_pool", None) is not None:
         raise _unsupported("attentional pooling (attentional_pool=True)")
     if getattr(visual, "pool_type", None) != "tok":
@@ -132,19 +136,29 @@ def _check_supported(visual: nn.Module) -> None:
     width = visual.class_embedding.shape[-1]
     n_tok = 1 + visual.grid_size[0] * visual.grid_size[1]
     if tuple(visual.positional_embedding.shape) != (n_tok, width):
-        raise _unsupported(f"positional_embedding of shape {tuple(visual.positional_embedding.shape)}, expected "
-                           f"({n_tok}, {width}) covering CLS + patches")
+        raise _unsupported(
+            f"positional_embedding of shape {tuple(visual.positional_embedding.shape)}, expected "
+            f"({n_tok}, {width}) covering CLS + patches"
+        )
     for i, blk in enumerate(blocks):
         if not isinstance(blk, ResidualAttentionBlock):
-            raise _unsupported(f"block {i} is {type(blk).__name__} (custom blocks: qk_norm/scaled-cosine/"
-                               "scale_* attention)")
+            raise _unsupported(
+                f"block {i} is {type(blk).__name__} (custom blocks: qk_norm/scaled-cosine/scale_* attention)"
+            )
         attn = blk.attn
         if not isinstance(attn, nn.MultiheadAttention):
             raise _unsupported(f"block {i} attention is {type(attn).__name__}, not nn.MultiheadAttention")
-        if (not attn._qkv_same_embed_dim or attn.in_proj_bias is None or attn.bias_k is not None
-                or attn.add_zero_attn or attn.embed_dim != width):
-            raise _unsupported(f"block {i} nn.MultiheadAttention is not packed-qkv with bias (kdim/vdim, "
-                               "bias=False, add_bias_kv or add_zero_attn)")
+        if (
+            not attn._qkv_same_embed_dim
+            or attn.in_proj_bias is None
+            or attn.bias_k is not None
+            or attn.add_zero_attn
+            or attn.embed_dim != width
+        ):
+            raise _unsupported(
+                f"block {i} nn.MultiheadAttention is not packed-qkv with bias (kdim/vdim, "
+                "bias=False, add_bias_kv or add_zero_attn)"
+            )
         if hasattr(blk, "ln_1_kv"):
             raise _unsupported(f"block {i} is a cross-attention block")
 
@@ -215,9 +229,7 @@ class MasQVisual(nn.Module):
 
     def _new_projections(self, width: int, ref: Tensor) -> nn.ModuleList:
         n = len(self.visual.transformer.resblocks)
-        return nn.ModuleList(
-            nn.Linear(width, width, bias=True, device=ref.device, dtype=ref.dtype) for _ in range(n)
-        )
+        return nn.ModuleList(nn.Linear(width, width, bias=True, device=ref.device, dtype=ref.dtype) for _ in range(n))
 
     @torch.no_grad()
     def reset_projections_from_clip(self, which: Iterable[str] = ("q",)) -> None:
@@ -235,8 +247,8 @@ class MasQVisual(nn.Module):
                 raise ValueError(f"no {name.upper()}' projections (enable them with extra_projections)")
             r = _PROJ_NAMES.index(name)
             for blk, lin in zip(self.visual.transformer.resblocks, mods, strict=True):
-                lin.weight.copy_(blk.attn.in_proj_weight[r * width:(r + 1) * width])
-                lin.bias.copy_(blk.attn.in_proj_bias[r * width:(r + 1) * width])
+                lin.weight.copy_(blk.attn.in_proj_weight[r * width : (r + 1) * width])
+                lin.bias.copy_(blk.attn.in_proj_bias[r * width : (r + 1) * width])
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -339,9 +351,7 @@ class MasQVisual(nn.Module):
         return torch.cat([cls, patches], dim=2)
 
     # ------------------------------------------------------------------ forward
-    def forward(
-        self, pixel_values: Tensor, allowed: Tensor, return_tokens: bool = False
-    ) -> Tensor | MasQVisualOutput:
+    def forward(self, pixel_values: Tensor, allowed: Tensor, return_tokens: bool = False) -> Tensor | MasQVisualOutput:
         """Mask embeddings, one per proposal.
 
         Args:
@@ -359,8 +369,7 @@ class MasQVisual(nn.Module):
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """The image path alone: ``(B, 3, R, R)`` -> ``(B, D)``, equal to open_clip's ``visual(pixel_values)``
         (un-normalised). Same block code as :meth:`forward` with Q = 0."""
-        allowed = torch.ones(pixel_values.shape[0], 0, self.num_tokens, dtype=torch.bool,
-                             device=pixel_values.device)
+        allowed = torch.ones(pixel_values.shape[0], 0, self.num_tokens, dtype=torch.bool, device=pixel_values.device)
         out = self._run(pixel_values, allowed, collect=True)
         return out.image_embedding
 
@@ -447,7 +456,7 @@ class MasQVisual(nn.Module):
             if weights is None:
                 o_mask = F.scaled_dot_product_attention(q_m, k_m, v_m, attn_mask=mask)
             else:
-                scores = (q_m.float() @ k_m.float().transpose(-1, -2)) * (hd ** -0.5)  # (B, H, Q, N)
+                scores = (q_m.float() @ k_m.float().transpose(-1, -2)) * (hd**-0.5)  # (B, H, Q, N)
                 probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
                 weights.append(probs)
                 o_mask = (probs @ v_m.float()).to(v_m.dtype)
@@ -490,7 +499,7 @@ class MasQVisual(nn.Module):
                     key = f"visual.transformer.resblocks.{i}.attn.new_{name}_proj.{pname}"
                     (targets if name == "q" else optional)[key] = getattr(lin, pname)
 
-        given = {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}
+        given = {k[len(prefix) :]: t for k, t in state_dict.items() if k.startswith(prefix)}
         missing = [prefix + k for k in targets if k not in given]
         unexpected = [prefix + k for k in given if k not in targets and k not in optional]
         mismatched = [
