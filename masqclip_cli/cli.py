@@ -88,7 +88,7 @@ def vocab_show(
     table.add_column("type")
     table.add_column("colour")
     for index, (cls, class_id, colour) in enumerate(zip(vocabulary, vocabulary.ids, vocabulary.colors())):
-        hex_colour = "#%02x%02x%02x" % colour
+        hex_colour = "#{:02x}{:02x}{:02x}".format(*colour)
         table.add_row(
             str(index),
             str(class_id),
@@ -142,6 +142,79 @@ def model_info(path: Path = typer.Argument(..., help="A masqclip model file (.sa
     table.add_row("thresholds", json.dumps(config.get("thresholds")))
     table.add_row("vocabulary", f"{len(vocab)} classes" if vocab else "none")
     out.print(table)
+
+
+@app.command("models")
+def models_list() -> None:
+    """List the registered models, whether their weights are on this machine, and where to put missing ones."""
+    from masqclip_cli.modeling.factory import MODEL_REGISTRY, model_status, models_dir
+
+    table = Table(title=f"registered models (weights folder: {models_dir()}, set MASQCLIP_MODELS_DIR to change)")
+    for column in ("name", "available", "weights", "description"):
+        table.add_column(column)
+    missing = []
+    for entry in MODEL_REGISTRY.values():
+        available, path = model_status(entry)
+        weights = "random (built in)" if path is None else str(path)
+        table.add_row(entry.name, "[green]yes[/]" if available else "[red]no[/]", weights, entry.description)
+        if not available:
+            missing.append(entry)
+    out.print(table)
+    for entry in missing:
+        out.print(f"[bold]{entry.name}[/]: " + entry.source.replace("{path}", str(model_status(entry)[1])),
+                  highlight=False)
+
+
+def _json_or_name(value: str) -> str | dict:
+    """A JSON config file's content, or the value itself (a registered name)."""
+    path = Path(value)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise fail(f"{path}: cannot read JSON config ({exc})") from None
+    return value
+
+
+@app.command("convert")
+def convert(
+    source: Path = typer.Argument(..., help="Official MasQCLIP checkpoint (.pth: teacher, student or MasQ-tuning)."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Our model file to write (.safetensors)."),
+    proposals: str = typer.Option(
+        "m2f-r50", help="Proposal-network geometry of the checkpoint: a config name or a JSON config file."
+    ),
+    clip_model: str = typer.Option(
+        "ViT-L-14-336-quickgelu", help="open_clip model of the CLIP branch: a model name or a JSON config file."
+    ),
+    clip_weights: str = typer.Option(
+        "openai", help="open_clip pretrained tag or local weights file for the text tower; 'none' for random."
+    ),
+    allow_partial: bool = typer.Option(
+        False, help="Convert despite unknown, missing or mis-shaped keys; the report lists what was left at init."
+    ),
+    tie_mask_embeddings: bool = typer.Option(
+        False, help="Overwrite mask_embeddings with the CLS position embedding, as the official loader does."
+    ),
+) -> None:
+    """Convert an official detectron2-format checkpoint into our model file."""
+    from masqclip_cli.modeling.clip_loader import WeightsNotFoundError
+    from masqclip_cli.modeling.convert import ConversionError, convert_checkpoint_file
+
+    try:
+        report = convert_checkpoint_file(
+            source,
+            out_path,
+            proposals=_json_or_name(proposals),
+            clip_model=_json_or_name(clip_model),
+            clip_pretrained=None if clip_weights.lower() == "none" else clip_weights,
+            allow_partial=allow_partial,
+            tie_mask_embeddings=tie_mask_embeddings,
+        )
+    except (ConversionError, WeightsNotFoundError, ValueError) as exc:
+        raise fail(f"{source}: {exc}" if str(source) not in str(exc) else str(exc)) from None
+    for line in report.lines():
+        err.print(line, highlight=False)
+    out.print(f"wrote {out_path}")
 
 
 def main() -> None:
