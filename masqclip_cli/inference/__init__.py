@@ -1,0 +1,1 @@
+"""Inference: post-processing, the result type, the batched engine."""
