@@ -6,7 +6,9 @@ Errors in the input are one line on stderr (``error: <file>:<line>: <problem>``)
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -215,6 +217,231 @@ def convert(
     for line in report.lines():
         err.print(line, highlight=False)
     out.print(f"wrote {out_path}")
+
+
+TASKS = ("panoptic", "semantic", "instance")
+DEFAULT_FORMAT_FOR_TASK = {"instance": "coco", "panoptic": "panoptic", "semantic": "labels"}
+
+
+def _split_list(value: str, what: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
+    if not items:
+        raise fail(f"--{what}: empty list")
+    if allowed is not None:
+        unknown = [v for v in items if v not in allowed]
+        if unknown:
+            raise fail(f"--{what}: unknown {', '.join(unknown)} (use {', '.join(allowed)})")
+    return items
+
+
+def _parse_shard(value: str | None) -> tuple[int, int]:
+    if value is None:
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if rank is not None and world is not None and int(world) > 1:  # under torchrun: one shard per process
+            return int(rank), int(world)
+        return 0, 1
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise fail(f"--shard: expected i/n (e.g. 0/4), got '{value}'") from None
+    if not 0 <= index < count:
+        raise fail(f"--shard: index {index} is not in 0..{count - 1}")
+    return index, count
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        local_rank = os.environ.get("LOCAL_RANK")
+        return f"cuda:{local_rank}" if local_rank is not None else "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _model_identity(model: str) -> str:
+    """A stable identity of --model for the run fingerprint: the name, or a digest of a file's header and size."""
+    import hashlib
+
+    from masqclip_cli.modeling.factory import MODEL_REGISTRY, model_status
+
+    path = Path(model)
+    if model in MODEL_REGISTRY and not path.exists():
+        available, file = model_status(MODEL_REGISTRY[model])
+        if file is None:
+            return f"registered:{model}"
+        path = file
+    with path.open("rb") as f:
+        head = f.read(1 << 20)
+    return f"file:{hashlib.sha256(head).hexdigest()}:{path.stat().st_size}"
+
+
+@app.command("segment")
+def segment_command(
+    source: str = typer.Argument(
+        ..., help="Image file, folder, glob ('shots/*.jpg'), list file (.txt), video, or - for paths on stdin."
+    ),
+    vocab: str | None = typer.Option(
+        None, "--vocab", "-v", help="Classes: a file, a preset name or an inline 'a; b, synonym; c \\[stuff]' list. "
+        "Default: the vocabulary stored in the model."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (resumable). Omit with --format jsonl "
+                                    "to stream JSON lines to stdout."),
+    model: str = typer.Option("masqclip-coco", "--model", "-m", help="Registered model (see `masqclip models`), "
+                              "our .safetensors file or an official .pth checkpoint."),
+    task: str = typer.Option("panoptic", help="Comma list of panoptic, semantic, instance (one model pass)."),
+    fmt: str | None = typer.Option(None, "--format", "-f", help="Comma list of coco, panoptic, labels, overlay, "
+                                   "jsonl. Default: one per task (instance→coco, panoptic→panoptic, semantic→labels)."),
+    batch_size: int = typer.Option(1, min=1, help="Images per model call (results identical to batch 1)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice)."),
+    short_side: int = typer.Option(640, help="Resize the short side to this before the model (0: keep)."),
+    max_size: int = typer.Option(2560, help="Cap on the long side after resizing."),
+    object_threshold: float = typer.Option(0.3, help="Panoptic: keep queries whose best p_cls exceeds this."),
+    overlap_threshold: float = typer.Option(0.3, help="Panoptic: drop segments keeping less of their mask than this."),
+    topk: int = typer.Option(100, help="Instance: detections per image (clamped to queries × classes)."),
+    instance_keep_stuff: bool = typer.Option(False, help="Instance: keep stuff classes too (default: things only "
+                                             "when the vocabulary has stuff)."),
+    semantic_order: str = typer.Option("padded", help="Semantic: 'padded' (score map at the padded size, then "
+                                       "resized; official semantic configs) or 'resized' (masks resized first)."),
+    no_object_score: bool = typer.Option(False, help="Classify with p_clip alone (the paper's Table 3 ablation)."),
+    templates: str | None = typer.Option(None, help="Prompt templates: none (bare names, default), vild, or a file."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders."),
+    ext: str | None = typer.Option(None, help="Comma list of image extensions to take from folders."),
+    every: int = typer.Option(1, min=1, help="Video: take every N-th frame."),
+    start: float | None = typer.Option(None, help="Video: start time in seconds."),
+    end: float | None = typer.Option(None, help="Video: end time in seconds."),
+    shard: str | None = typer.Option(None, help="Process shard i of n (i/n); under torchrun from RANK/WORLD_SIZE."),
+    overwrite: bool = typer.Option(False, help="Replace outputs of a run with other options in --out."),
+    palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
+) -> None:
+    """Segment images, folders, lists and videos; write COCO JSON, panoptic PNGs, label maps, overlays or JSONL.
+
+    Resumable: finished items in --out are not computed again. Exit codes: 0 all done, 1 some items skipped or
+    failed, 2 usage or model error, 130 interrupted (what was done is kept and assembled).
+    """
+    from masqclip_cli.inference.engine import FingerprintMismatchError, RunOptions, segment
+    from masqclip_cli.inference.postprocess import PostprocessConfig
+    from masqclip_cli.io.sources import SourceError
+    from masqclip_cli.modeling.checkpoint import ModelFileError
+    from masqclip_cli.modeling.clip_loader import WeightsNotFoundError
+    from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model
+    from masqclip_cli.modeling.text import TextEmbeddingCache
+    from masqclip_cli.vocab import VocabularyError, load_vocabulary, read_templates
+
+    tasks = _split_list(task, "task", TASKS)
+    formats = _split_list(fmt, "format", ("coco", "panoptic", "labels", "overlay", "jsonl")) if fmt else tuple(
+        DEFAULT_FORMAT_FOR_TASK[t] for t in tasks)
+    needs = {"coco": "instance", "panoptic": "panoptic", "labels": "semantic"}
+    for f in formats:
+        if f in needs and needs[f] not in tasks:
+            raise fail(f"--format {f} needs --task {needs[f]} (add it to --task)")
+    if out is None and formats != ("jsonl",):
+        raise fail("--out is required (only --format jsonl can stream to stdout without it)")
+    if semantic_order not in ("padded", "resized"):
+        raise fail("--semantic-order: use padded or resized")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise fail("--precision: use fp32, bf16 or fp16")
+    shard_spec = _parse_shard(shard)
+    try:
+        template_list = read_templates(templates)
+        vocabulary = load_vocabulary(vocab) if vocab is not None else None
+    except VocabularyError as exc:
+        raise fail(str(exc)) from None
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        net = load_model(model, device=_pick_device(device), precision=precision)
+        model_id = _model_identity(model)
+    except (ModelNotAvailableError, ModelFileError, WeightsNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    net.use_object_score = not no_object_score
+    if vocabulary is None:
+        if net.vocabulary is None:
+            raise fail(f"model '{model}' stores no vocabulary: give one with --vocab")
+        vocabulary = net.vocabulary
+    else:
+        try:
+            net.set_vocabulary(vocabulary, templates=template_list, cache=TextEmbeddingCache(),
+                               progress=len(vocabulary) > 200)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    options = RunOptions(
+        formats=formats,
+        postprocess=PostprocessConfig(tasks=tasks, object_mask_threshold=object_threshold,
+                                      overlap_threshold=overlap_threshold, detections_per_image=topk,
+                                      semantic_order=semantic_order, instance_keep_stuff=instance_keep_stuff),
+        batch_size=batch_size, short_side=short_side, max_size=max_size, shard=shard_spec, overwrite=overwrite,
+        recursive=recursive, extensions=tuple(f".{e.lstrip('.')}" for e in _split_list(ext, "ext")) if ext else None,
+        every=every, start=start, end=end,
+        writer_options=({"palette": True} if palette else {}) | ({"stream": sys.stdout} if out is None else {}),
+    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("segment"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"),
+                        TimeRemainingColumn(), console=err, transient=True)
+    bar = progress.add_task("segment", total=None, rate="")
+    started = time.perf_counter()
+
+    def on_item(item_id: str, finished: int, total: int | None) -> None:
+        rate = finished / max(time.perf_counter() - started, 1e-9)
+        progress.update(bar, completed=finished, total=total, rate=f"{rate:.2f} items/s")
+
+    try:
+        with progress:
+            summary = segment(net, vocabulary, source, out, options, model_id, templates=template_list,
+                              precision=precision, on_item=on_item, stdin=sys.stdin)
+    except (FingerprintMismatchError, SourceError) as exc:
+        raise fail(str(exc)) from None
+    _print_summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
+    done = f"{summary.done} done"
+    if summary.reused:
+        done += f", {summary.reused} already done (resumed)"
+    err.print(
+        f"{done}, {len(summary.skipped)} skipped, {len(summary.failed)} failed in {summary.wall_s:.1f} s "
+        f"({summary.items_per_s:.2f} items/s; decode {summary.seconds['decode']:.1f} s, model "
+        f"{summary.seconds['model']:.1f} s, post-process {summary.seconds['postprocess']:.1f} s, write "
+        f"{summary.seconds['write']:.1f} s)",
+        highlight=False,
+    )
+    for _, reason in summary.skipped:
+        err.print(f"skipped: {reason}", highlight=False, soft_wrap=True)
+    for _, reason in summary.failed:
+        err.print(f"failed: {reason}", highlight=False, soft_wrap=True)
+    if summary.interrupted:
+        err.print("interrupted: finished items were kept and assembled; run again to resume", highlight=False)
+
+
+@app.command("merge")
+def merge_command(
+    shards: list[Path] = typer.Argument(..., help="The --out folders of the shards (all of them)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged output folder."),
+) -> None:
+    """Join the outputs of `segment --shard i/n` runs into one set, equal to a single run's."""
+    from masqclip_cli.inference.engine import FingerprintMismatchError, merge_outputs
+    from masqclip_cli.vocab import Vocabulary
+
+    try:
+        fingerprint = json.loads((shards[0] / ".masqclip" / "run.json").read_text())
+        vocabulary = Vocabulary.from_json(fingerprint["vocabulary"], source=f"{shards[0]}/.masqclip/run.json")
+        written = merge_outputs(shards, out, vocabulary, tuple(fingerprint["formats"]),
+                                fingerprint.get("writer_options") or {})
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise fail(f"{shards[0]}: not a masqclip segment output ({exc})") from None
+    except FingerprintMismatchError as exc:
+        raise fail(str(exc)) from None
+    err.print(f"merged {len(shards)} shards into {out} ({len(written)} run-level files)", highlight=False)
 
 
 def main() -> None:

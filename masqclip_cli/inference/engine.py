@@ -1,0 +1,432 @@
+"""The batched segmentation pipeline behind ``masqclip segment``.
+
+source items ──(background thread: decode, EXIF, RGB, resize)──► bounded queue ──► batches ──► model (one pass
+serves every task) ──► post-processing at the original size ──► writers (per-item files + a per-item record)
+──► at the end: run-level files assembled from all records, sorted by item id.
+
+``--out`` is a pure function of the inputs and options: no timestamps, durations or temporary paths are written into
+it. Its layout:
+
+- ``<out>/.masqclip/run.json``: the run fingerprint (model, vocabulary, options that change outputs);
+- ``<out>/.masqclip/items/<item id>.json``: one record per finished item (what the run-level files are made of);
+- the writers' own files (``instances.json``, ``panoptic/``, ``labels/``, ``overlay/``, ...).
+
+Resume: an item whose record and files all exist is not computed again; a run over a complete ``--out`` rewrites
+nothing. A different fingerprint is refused unless ``overwrite``. Sharding: item ``i`` of a run belongs to shard
+``int(sha1(id)[:8], 16) % n`` — stable whatever the listing order, so shards are disjoint and cover everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from masqclip_cli.inference.postprocess import PostprocessConfig, postprocess
+from masqclip_cli.io.sources import SkipItem, SkippedItem, SourceItem, decode_item, iter_items, iter_video_frames
+from masqclip_cli.io.writers import make_writers
+from masqclip_cli.io.writers.base import ItemInfo, Writer, atomic_write_text, remove_stale_temp_files
+from masqclip_cli.modeling.masqclip import MasQCLIP
+from masqclip_cli.vocab import Vocabulary
+
+__all__ = [
+    "FingerprintMismatchError",
+    "RunOptions",
+    "RunSummary",
+    "in_shard",
+    "merge_outputs",
+    "resize_shape",
+    "run_fingerprint",
+    "segment",
+]
+
+STATE_DIR = ".masqclip"
+
+
+class FingerprintMismatchError(RuntimeError):
+    """``--out`` holds the outputs of a run with another model, vocabulary or options."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of a ``segment`` run (those in :meth:`fingerprint_fields` change the outputs)."""
+
+    formats: tuple[str, ...] = ("coco",)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    batch_size: int = 1
+    short_side: int = 640
+    max_size: int = 2560
+    shard: tuple[int, int] = (0, 1)
+    overwrite: bool = False
+    recursive: bool = False
+    extensions: tuple[str, ...] | None = None
+    every: int = 1
+    start: float | None = None
+    end: float | None = None
+    prefetch: int = 4
+    writer_options: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return {
+            "formats": sorted(self.formats),
+            "postprocess": asdict(self.postprocess) | {"chunk_size": None, "max_chunk_bytes": None},
+            "short_side": self.short_side,
+            "max_size": self.max_size,
+            "shard": list(self.shard),
+            "writer_options": {k: v for k, v in sorted(self.writer_options.items()) if k != "stream"},
+        }
+
+
+@dataclass
+class RunSummary:
+    """What a run did (reported on stderr by the CLI)."""
+
+    done: int = 0
+    reused: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+    wall_s: float = 0.0
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "model": 0.0, "postprocess": 0.0,
+                                                               "write": 0.0})
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.done / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if (self.failed or self.skipped) else 0
+
+
+def resize_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """The official test resize (ResizeShortestEdge): short side to ``short_side``, long side at most ``max_size``;
+    ``short_side <= 0`` keeps the size."""
+    if short_side <= 0:
+        return height, width
+    scale = short_side / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def in_shard(item_id: str, shard: tuple[int, int]) -> bool:
+    """Whether an item belongs to shard ``(index, count)`` (stable hash of its id)."""
+    index, count = shard
+    return count <= 1 or int(hashlib.sha1(item_id.encode()).hexdigest()[:8], 16) % count == index
+
+
+def run_fingerprint(model_id: str, vocab: Vocabulary, templates: list[str] | None, options: RunOptions,
+                    use_object_score: bool, precision: str) -> dict[str, Any]:
+    """Everything that changes what a run writes (JSON)."""
+    return {
+        "model": model_id,
+        "vocabulary": vocab.to_json(),
+        "templates": templates,
+        "object_score": use_object_score,
+        "precision": precision,
+        **options.fingerprint_fields(),
+    }
+
+
+def _record_path(out_dir: Path, item_id: str) -> Path:
+    safe = "/".join(p for p in item_id.replace("\\", "/").split("/") if p not in ("", ".", ".."))
+    return out_dir / STATE_DIR / "items" / f"{safe}.json"
+
+
+def _read_record(out_dir: Path, item_id: str) -> dict | None:
+    path = _record_path(out_dir, item_id)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _item_info(record: dict) -> ItemInfo:
+    return ItemInfo(id=record["id"], file_name=record["file_name"], width=record["width"], height=record["height"])
+
+
+def _check_fingerprint(out_dir: Path, fingerprint: dict, overwrite: bool) -> None:
+    run_file = out_dir / STATE_DIR / "run.json"
+    text = json.dumps(fingerprint, indent=1) + "\n"
+    if run_file.is_file():
+        if run_file.read_text() == text:
+            return
+        if not overwrite:
+            raise FingerprintMismatchError(
+                f"{out_dir}: holds outputs of a run with another model, vocabulary or options "
+                "(use --overwrite to replace them, or another --out)"
+            )
+        shutil.rmtree(out_dir / STATE_DIR / "items", ignore_errors=True)
+    atomic_write_text(run_file, text)
+
+
+class _Decoder:
+    """Decodes items in order (one background thread), video frames sequentially."""
+
+    def __init__(self, options: RunOptions):
+        self.options = options
+        self._video: tuple[Path, Iterator] | None = None
+
+    def frame(self, item: SourceItem) -> np.ndarray:
+        if self._video is None or self._video[0] != item.path:
+            self._video = (item.path, iter_video_frames(item.path, self.options.every, self.options.start,
+                                                        self.options.end))
+        for frame_item, rgb in self._video[1]:
+            if frame_item.frame == item.frame:
+                return rgb
+            if frame_item.frame is not None and item.frame is not None and frame_item.frame > item.frame:
+                break
+        raise SkipItem(f"{item.id}: frame could not be read")
+
+    def __call__(self, item: SourceItem) -> np.ndarray:
+        return self.frame(item) if item.frame is not None else decode_item(item).rgb
+
+
+def _resize(rgb: np.ndarray, short_side: int, max_size: int) -> torch.Tensor:
+    h, w = rgb.shape[:2]
+    nh, nw = resize_shape(h, w, short_side, max_size)
+    if (nh, nw) != (h, w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8, order="C")).permute(2, 0, 1)  # a writable copy
+
+
+def _producer(items: Iterable[SourceItem], options: RunOptions, out: queue.Queue, stop: threading.Event) -> None:
+    decode = _Decoder(options)
+    for item in items:
+        if stop.is_set():
+            break
+        start = time.perf_counter()
+        try:
+            rgb = decode(item)
+            tensor = _resize(rgb, options.short_side, options.max_size)
+            payload: Any = (rgb, tensor)
+        except SkipItem as exc:
+            payload = exc
+        except Exception as exc:  # noqa: BLE001 - one bad item never kills the run
+            payload = SkipItem(f"{item.id}: cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
+        out.put((item, payload, time.perf_counter() - start))
+    out.put(None)
+
+
+def segment(
+    model: MasQCLIP,
+    vocab: Vocabulary,
+    source: str,
+    out_dir: Path | None,
+    options: RunOptions,
+    model_id: str,
+    templates: list[str] | None = None,
+    precision: str = "fp32",
+    on_item: Callable[[str, int, int | None], None] | None = None,
+    stdin: Any = None,
+) -> RunSummary:
+    """Segment every item of ``source`` and write the requested formats.
+
+    Args:
+        model: a loaded model whose vocabulary is already set (``model.set_vocabulary(vocab)``).
+        vocab: the vocabulary (category ids, thing/stuff).
+        source: a path, directory, glob, list file, video or ``-`` (stdin).
+        out_dir: the output folder; None only for streaming formats (``jsonl`` to stdout).
+        options: run options.
+        model_id: identity of the model for the fingerprint.
+        on_item: progress callback (item id, items finished so far, total or None).
+
+    Returns:
+        A :class:`RunSummary`. Raises :class:`FingerprintMismatchError`, or ``SourceError`` for a source that
+        cannot be read at all.
+    """
+    t_start = time.perf_counter()
+    summary = RunSummary()
+    writers: list[Writer] = make_writers(options.formats, out_dir, vocab, **options.writer_options)
+    tasks = set(options.postprocess.tasks)
+    isthing = list(vocab.isthing)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out_dir)  # left by a killed run
+        fingerprint = run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision)
+        _check_fingerprint(out_dir, fingerprint, options.overwrite)
+
+    # list the items (paths only, never decoded images), keep this shard's, split off the finished ones
+    listed: list[SourceItem] = []
+    for entry in iter_items(source, recursive=options.recursive,
+                            **({"extensions": options.extensions} if options.extensions else {}),
+                            every=options.every, start=options.start, end=options.end, stdin=stdin):
+        if not in_shard(entry.id, options.shard):
+            continue
+        if isinstance(entry, SkippedItem):
+            summary.skipped.append((entry.id, entry.reason))
+        else:
+            listed.append(entry)
+    records: dict[str, dict] = {}
+    todo: list[SourceItem] = []
+    for item in listed:
+        record = _read_record(out_dir, item.id) if out_dir is not None else None
+        if record is not None and all(p.is_file() for w in writers for p in w.item_files(_item_info(record))):
+            records[item.id] = record
+            summary.reused += 1
+        else:
+            todo.append(item)
+    total = len(listed)
+    finished = summary.reused
+
+    # Ctrl-C: finish the batch in flight, assemble what is done, exit 130; a second Ctrl-C stops at once
+    stop = threading.Event()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_sigint(signum, frame):  # noqa: ANN001
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+
+        previous_handler = signal.signal(signal.SIGINT, _on_sigint)
+
+    decoded: queue.Queue = queue.Queue(maxsize=max(options.prefetch, options.batch_size) * 2)
+    producer = threading.Thread(target=_producer, args=(todo, options, decoded, stop), daemon=True)
+    producer.start()
+    try:
+        batch: list[tuple[SourceItem, np.ndarray, torch.Tensor]] = []
+        exhausted = False
+        while not exhausted:
+            entry = decoded.get()
+            if entry is None:
+                exhausted = True
+            else:
+                item, payload, seconds = entry
+                summary.seconds["decode"] += seconds
+                if isinstance(payload, SkipItem):
+                    summary.skipped.append((item.id, str(payload)))
+                    finished += 1
+                    if on_item:
+                        on_item(item.id, finished, total)
+                else:
+                    batch.append((item, *payload))
+            if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set()):
+                for item_id, record in _run_batch(model, batch, writers, tasks, isthing, options, out_dir, summary):
+                    finished += 1
+                    if record is not None:
+                        records[item_id] = record
+                    if on_item:
+                        on_item(item_id, finished, total)
+                batch = []
+            if stop.is_set():
+                summary.interrupted = True
+                break
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock the producer if it waits on a full queue
+            try:
+                decoded.get_nowait()
+            except queue.Empty:
+                producer.join(0.05)
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+
+    if out_dir is not None:
+        t0 = time.perf_counter()
+        ordered = [(_item_info(records[i]), records[i]) for i in sorted(records)]
+        for writer in writers:
+            summary.written += writer.finalize([(info, rec["writers"].get(writer.name)) for info, rec in ordered])
+        summary.seconds["write"] += time.perf_counter() - t0
+    else:
+        for writer in writers:
+            writer.finalize([])
+    summary.wall_s = time.perf_counter() - t_start
+    return summary
+
+
+def _run_batch(model, batch, writers, tasks, isthing, options, out_dir, summary) -> Iterator[tuple[str, dict | None]]:
+    t0 = time.perf_counter()
+    try:
+        outputs = model([tensor for _, _, tensor in batch])
+    except Exception as exc:  # noqa: BLE001 - a failing batch is retried image by image
+        if len(batch) == 1:
+            item = batch[0][0]
+            summary.failed.append((item.id, f"{item.id}: model failed ({type(exc).__name__}: {exc})".splitlines()[0]))
+            yield item.id, None
+            return
+        for single in batch:
+            yield from _run_batch(model, [single], writers, tasks, isthing, options, out_dir, summary)
+        return
+    summary.seconds["model"] += time.perf_counter() - t0
+    for (item, rgb, _), out in zip(batch, outputs):
+        try:
+            t1 = time.perf_counter()
+            height, width = rgb.shape[:2]
+            seg = postprocess(out.mask_logits, out.p_cls, isthing, image_size=out.image_size,
+                              padded_size=out.padded_size, output_size=(height, width), config=options.postprocess)
+            t2 = time.perf_counter()
+            summary.seconds["postprocess"] += t2 - t1
+            info = ItemInfo(id=item.id, file_name=item.id, width=width, height=height)
+            record = {"id": item.id, "file_name": item.id, "width": width, "height": height, "writers": {}}
+            for writer in writers:
+                record["writers"][writer.name] = writer.write_item(info, seg, rgb if writer.needs_image else None)
+            if out_dir is not None:
+                atomic_write_text(_record_path(out_dir, item.id), json.dumps(record, separators=(",", ":")) + "\n")
+            summary.seconds["write"] += time.perf_counter() - t2
+            summary.done += 1
+            yield item.id, record
+        except Exception as exc:  # noqa: BLE001 - one bad item is reported, never kills the run
+            summary.failed.append((item.id, f"{item.id}: {type(exc).__name__}: {exc}".splitlines()[0]))
+            yield item.id, None
+
+
+def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, formats: tuple[str, ...],
+                  writer_options: dict[str, Any] | None = None) -> list[Path]:
+    """Join the ``--out`` folders of shards into one, equal to what a single run would have written.
+
+    All shards must share one fingerprint apart from the shard; per-item files and records are copied, the
+    run-level files are assembled again from all records.
+    """
+    fingerprints = []
+    for d in shard_dirs:
+        run_file = d / STATE_DIR / "run.json"
+        if not run_file.is_file():
+            raise FingerprintMismatchError(f"{d}: not a masqclip segment output (no {STATE_DIR}/run.json)")
+        fp = json.loads(run_file.read_text())
+        fingerprints.append(fp)
+    shards = [tuple(fp["shard"]) for fp in fingerprints]
+    base = [{k: v for k, v in fp.items() if k != "shard"} for fp in fingerprints]
+    if any(b != base[0] for b in base):
+        raise FingerprintMismatchError("shard outputs come from runs with different models, vocabularies or options")
+    if sorted(s[0] for s in shards) != list(range(shards[0][1])) or any(s[1] != shards[0][1] for s in shards):
+        raise FingerprintMismatchError(f"shards {shards} do not make one complete set")
+    writers = make_writers(formats, out_dir, vocab, **(writer_options or {}))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged_fp = dict(fingerprints[0], shard=[0, 1])
+    atomic_write_text(out_dir / STATE_DIR / "run.json", json.dumps(merged_fp, indent=1) + "\n")
+    records: dict[str, dict] = {}
+    for d in shard_dirs:
+        for record_file in sorted((d / STATE_DIR / "items").rglob("*.json")):
+            record = json.loads(record_file.read_text())
+            info = _item_info(record)
+            for writer in writers:
+                for src in writer.item_files(info):
+                    rel = src.relative_to(out_dir)
+                    target = out_dir / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(d / rel, target)
+            target = _record_path(out_dir, info.id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(record_file, target)
+            records[info.id] = record
+    written = []
+    ordered = [(_item_info(records[i]), records[i]) for i in sorted(records)]
+    for writer in writers:
+        written += writer.finalize([(info, rec["writers"].get(writer.name)) for info, rec in ordered])
+    return written

@@ -1,0 +1,80 @@
+"""``coco``: every instance of the run in one COCO instance-segmentation JSON, ``out/instances.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from masqclip_cli.inference.result import Segmentation
+
+from .base import ItemInfo, Writer, atomic_write_json, check_size, encode_rle, mask_stats, ranked_records, round_score
+
+__all__ = ["CocoWriter"]
+
+
+class CocoWriter(Writer):
+    """COCO instance JSON: ``images`` (id = 1-based rank of the item id), ``annotations`` (RLE segmentation, area,
+    integer bbox, score, iscrowd 0; empty masks are left out) and ``categories`` (the vocabulary, with isthing).
+
+    It loads in pycocotools as ground truth (``COCO``) and its ``annotations`` as results (``COCO.loadRes``).
+    Nothing is written per item: the record holds the item's annotations.
+    """
+
+    name = "coco"
+    tasks = frozenset({"instance"})
+    file_name = "instances.json"
+
+    def write_item(self, item: ItemInfo, seg: Segmentation, image: np.ndarray | None = None) -> dict:
+        size = check_size(item, seg)
+        if seg.instances is None:
+            raise ValueError(f"item {item.id!r}: the coco writer needs instance results (task 'instance')")
+        annotations: list[dict[str, Any]] = []
+        for inst in seg.instances:
+            index = self._category(inst.category)
+            if inst.mask is None:
+                raise ValueError(f"item {item.id!r}: instance {inst.id} has no mask")
+            mask = np.asarray(inst.mask, dtype=bool)
+            if mask.shape != size:
+                raise ValueError(f"item {item.id!r}: instance {inst.id} mask is {mask.shape}, the image {size}")
+            area, bbox = mask_stats(mask)
+            if area == 0:
+                continue
+            annotations.append(
+                {
+                    "category_id": self.category_ids[index],
+                    "segmentation": encode_rle(mask),
+                    "area": area,
+                    "bbox": bbox,
+                    "score": round_score(inst.score),
+                }
+            )
+        return {"annotations": annotations}
+
+    def finalize(self, records) -> list[Path]:
+        assert self.out_dir is not None
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
+        for image_id, item, record in ranked_records(records):
+            if record is None:
+                continue
+            images.append(
+                {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
+            )
+            for ann in record["annotations"]:
+                rle = ann["segmentation"]
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": int(ann["category_id"]),
+                        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": str(rle["counts"])},
+                        "area": int(ann["area"]),
+                        "bbox": [int(v) for v in ann["bbox"]],
+                        "iscrowd": 0,
+                        "score": round_score(ann["score"]),
+                    }
+                )
+        data = {"images": images, "annotations": annotations, "categories": self._coco_categories(color=False)}
+        return [atomic_write_json(self.out_dir / self.file_name, data)]
