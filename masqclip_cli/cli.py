@@ -346,6 +346,8 @@ def segment_command(
     if precision not in ("fp32", "bf16", "fp16"):
         raise fail("--precision: use fp32, bf16 or fp16")
     shard_spec = _parse_shard(shard)
+    if shard is None and shard_spec[1] > 1 and out is not None:  # under torchrun: one folder per process
+        out = out / f"shard-{shard_spec[0]:03d}-of-{shard_spec[1]:03d}"
     try:
         template_list = read_templates(templates)
         vocabulary = load_vocabulary(vocab) if vocab is not None else None

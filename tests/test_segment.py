@@ -187,3 +187,27 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"{10 - done_before} done, {done_before} already done (resumed)" in resumed.stderr
     assert _tree(out) == _tree(tmp_path / "full")
+
+
+def test_shard_from_torchrun_environment(tmp_path, monkeypatch):
+    src = _images(tmp_path / "in", 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = _run([str(src), *BASE, "--format", "labels", "--task", "semantic", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    mine = {p.name for p in (tmp_path / "out" / "shard-001-of-002" / "labels").glob("*.png")}
+    from masqclip_cli.inference.engine import in_shard
+
+    assert mine == {f"img{i:02d}.png.png" for i in range(4) if in_shard(f"img{i:02d}.png", (1, 2))}
+
+
+def test_no_object_score_changes_the_scores(tmp_path):
+    src = _images(tmp_path / "in", 1)
+    args = ["-", *BASE, "--format", "jsonl", "--task", "instance", "--topk", "3"]
+    paths = str(next(src.glob("*.png"))) + "\n"
+    with_obj = _run(args, input=paths)
+    without = _run([*args, "--no-object-score"], input=paths)
+    assert with_obj.exit_code == 0 and without.exit_code == 0
+    s1 = [s["score"] for s in json.loads(with_obj.stdout)["segments"]]
+    s2 = [s["score"] for s in json.loads(without.stdout)["segments"]]
+    assert s1 and s2 and s1 != s2

@@ -719,3 +719,23 @@ def test_panoptic_writer_reproduces_real_coco_panoptic_ground_truth(tmp_path):
         assert sorted([s[k] for k in keys] for s in ann["segments_info"]) == sorted(
             [s[k] for k in keys] for s in gt_ann["segments_info"]
         )
+
+
+def test_overlay_falls_back_to_semantic_when_panoptic_is_empty(tmp_path):
+    from masqclip_cli.inference.result import Segmentation
+    from masqclip_cli.io.writers import make_writers
+    from masqclip_cli.io.writers.base import ItemInfo
+    from masqclip_cli.vocab import load_vocabulary
+
+    vocab = load_vocabulary("a; b [stuff]")
+    image = np.full((20, 30, 3), 128, np.uint8)
+    semantic = np.zeros((20, 30), np.int32)
+    semantic[:, 15:] = 1
+    seg = Segmentation(image_size=(20, 30), semantic=semantic, panoptic=np.zeros((20, 30), np.int32), segments=[])
+    (writer,) = make_writers(["overlay"], tmp_path, vocab, overlay_format="png")
+    info = ItemInfo(id="x.png", file_name="x.png", width=30, height=20)
+    writer.write_item(info, seg, image)
+    drawn = np.asarray(Image.open(tmp_path / "overlay" / "x.png.png").convert("RGB")).astype(int)
+    # both halves are tinted, in two different class colours
+    assert (drawn[10, 2] != 128).any() and (drawn[10, 27] != 128).any()
+    assert (drawn[10, 2] != drawn[10, 27]).any()

@@ -97,9 +97,10 @@ def render_overlay(image: np.ndarray, regions: list[Region], alpha: float = 0.5)
 class OverlayWriter(Writer):
     """Per item ``out/overlay/<item id>.jpg`` (option ``overlay_format="png"`` for ``.png``): the image with every
     segment blended in its class colour (``overlay_alpha``, default 0.5), outlined, and labelled with its class name
-    (plus the score for instances and panoptic things). Uses the panoptic result when present, else the instances
-    (drawn lowest score first, so the best is on top), else the semantic map. Colours are the vocabulary's
-    (:meth:`Vocabulary.colors`), the same for a class in every image. JPEG quality: ``jpeg_quality`` (default 90).
+    (plus the score for instances and panoptic things). Uses the panoptic result when it has segments, else the
+    instances when there are any (drawn lowest score first, so the best is on top), else the semantic map.
+    Colours are the vocabulary's (:meth:`Vocabulary.colors`), the same for a class in every image. JPEG quality:
+    ``jpeg_quality`` (default 90).
     """
 
     name = "overlay"
@@ -142,7 +143,8 @@ class OverlayWriter(Writer):
                 raise ValueError(f"{what} is {array.shape}, the image {size}")
             return array
 
-        if seg.panoptic is not None:
+        # draw the first result that has something to show: panoptic segments, instances, the semantic map
+        if seg.panoptic is not None and (seg.segments or (seg.instances is None and seg.semantic is None)):
             pan = sized(seg.panoptic, "panoptic map")
             segments = sorted(seg.segments, key=lambda s: int(s.id))
             indices = [self._category(s.category) for s in segments]
@@ -155,7 +157,7 @@ class OverlayWriter(Writer):
                     continue
                 text = f"{names[index]} {float(s.score):.2f}" if isthing[index] else names[index]
                 out.append(Region(pan[y : y + h, x : x + w] == int(s.id), x, y, self.colors[index], text))
-        elif seg.instances is not None:
+        elif seg.instances is not None and (seg.instances or seg.semantic is None):
             for inst in sorted(seg.instances, key=lambda s: float(s.score)):
                 index = self._category(inst.category)
                 if inst.mask is None:
