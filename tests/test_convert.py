@@ -158,3 +158,19 @@ def test_tiny_random_model_runs_with_a_typed_vocabulary():
     # p_cls = p_obj * p_clip without background: rows sum to p_obj * (1 - p_background)
     expected = out.p_obj * (1 - out.clip_log_probs[:, -1].exp())
     assert torch.allclose(out.p_cls.sum(-1), expected, atol=1e-6)
+
+
+def test_bf16_precision_runs_and_stays_close_to_fp32():
+    vocab = load_vocabulary("person; car; road [stuff]")
+    image = torch.randint(0, 256, (3, 64, 80), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        model = load_model("tiny-random", precision=precision)
+        assert model.masq.visual.conv1.weight.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        model.set_vocabulary(vocab)
+        (outs[precision],) = model([image])
+    assert outs["bf16"].p_cls.dtype == torch.float32 and torch.isfinite(outs["bf16"].p_cls).all()
+    cos = torch.nn.functional.cosine_similarity(outs["fp32"].embeddings, outs["bf16"].embeddings, dim=-1)
+    assert cos.min() > 0.95
+    with pytest.raises(ValueError, match="unknown precision"):
+        load_model("tiny-random", precision="fp8")
