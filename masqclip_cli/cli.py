@@ -446,6 +446,172 @@ def merge_command(
     err.print(f"merged {len(shards)} shards into {out} ({len(written)} run-level files)", highlight=False)
 
 
+def _init_distributed(device: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+@app.command("eval")
+def eval_command(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="coco-panoptic, ade20k-panoptic, ade20k-150, ade20k-847, "
+                                "pascal-context-59/459, coco-instance-65/48/17, synthetic, generic-semantic, "
+                                "generic-panoptic, generic-instance."),
+    root: Path | None = typer.Option(None, help="Folder holding the datasets in their standard layouts."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model to evaluate (default masqclip-coco)."),
+    predictions: Path | None = typer.Option(None, help="Score the --out folder of a `masqclip segment` run "
+                                            "instead of running a model."),
+    task: str | None = typer.Option(None, help="Comma list of panoptic, semantic, instance (default: the "
+                                    "dataset's own task)."),
+    images: Path | None = typer.Option(None, help="Override: image folder."),
+    labels: Path | None = typer.Option(None, help="Override: semantic label folder."),
+    panoptic_json: Path | None = typer.Option(None, help="Override: COCO panoptic JSON."),
+    panoptic_dir: Path | None = typer.Option(None, help="Override: panoptic PNG folder."),
+    annotations: Path | None = typer.Option(None, help="Override: COCO instance JSON."),
+    vocab: str | None = typer.Option(None, help="Override: the dataset's vocabulary (generic datasets)."),
+    split: str | None = typer.Option(None, help="synthetic: the split folder (default val)."),
+    ignore_label: int | None = typer.Option(None, help="Override: ignore value of semantic labels."),
+    templates: str | None = typer.Option(None, help="Prompt templates: none (default), vild, or a file."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for torch."),
+    batch_size: int = typer.Option(1, min=1, help="Images per model call."),
+    short_side: int | None = typer.Option(None, help="Override the dataset's test short side."),
+    max_size: int | None = typer.Option(None, help="Override the dataset's test long-side cap."),
+    object_threshold: float = typer.Option(0.3, help="Panoptic object-mask threshold."),
+    overlap_threshold: float = typer.Option(0.3, help="Panoptic overlap threshold."),
+    topk: int = typer.Option(100, help="Instance detections per image."),
+    semantic_order: str = typer.Option("padded", help="padded or resized (see segment --help)."),
+    instance_keep_stuff: bool = typer.Option(False, help="Instance: keep stuff classes too."),
+    no_object_score: bool = typer.Option(False, help="Classify with p_clip alone (Table 3 ablation)."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate the first N images only."),
+    report: Path | None = typer.Option(None, help="Write the JSON report here (the numbers with their protocol)."),
+) -> None:
+    """Evaluate a model, or the files `masqclip segment` wrote, on a dataset: PQ / mIoU / mask AP.
+
+    Prints a table and, with --report, a JSON file recording the protocol next to every number. Under torchrun the
+    samples are split over the processes and the metrics are those of one process.
+    """
+    from masqclip_cli.data.datasets import DatasetError, load_dataset
+    from masqclip_cli.evaluation.runner import EvalError, EvalOptions, evaluate, report_protocol, write_report
+    from masqclip_cli.inference.postprocess import PostprocessConfig
+    from masqclip_cli.vocab import VocabularyError, read_templates
+
+    overrides = {k: v for k, v in {"images": images, "labels": labels, "panoptic_json": panoptic_json,
+                                   "panoptic_dir": panoptic_dir, "annotations": annotations, "vocab": vocab,
+                                   "split": split, "ignore_label": ignore_label}.items() if v is not None}
+    try:
+        data = load_dataset(dataset, root, **overrides)
+        template_list = read_templates(templates)
+    except (DatasetError, VocabularyError) as exc:
+        raise fail(str(exc)) from None
+    tasks = _split_list(task, "task", TASKS) if task else (data.task,)
+    options = EvalOptions(
+        tasks=tasks,
+        postprocess=PostprocessConfig(tasks=tasks, object_mask_threshold=object_threshold,
+                                      overlap_threshold=overlap_threshold, detections_per_image=topk,
+                                      semantic_order=semantic_order, instance_keep_stuff=instance_keep_stuff),
+        short_side=short_side, max_size=max_size, batch_size=batch_size, limit=limit,
+    )
+    net = None
+    model_name = None
+    picked = _pick_device(device)
+    if predictions is None:
+        import torch
+
+        from masqclip_cli.modeling.checkpoint import ModelFileError
+        from masqclip_cli.modeling.clip_loader import WeightsNotFoundError
+        from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model
+        from masqclip_cli.modeling.text import TextEmbeddingCache
+
+        if threads:
+            torch.set_num_threads(threads)
+        model_name = model or "masqclip-coco"
+        try:
+            net = load_model(model_name, device=picked, precision=precision)
+            model_id = _model_identity(model_name)
+            net.use_object_score = not no_object_score
+            net.set_vocabulary(data.vocabulary, templates=template_list, cache=TextEmbeddingCache())
+        except (ModelNotAvailableError, ModelFileError, WeightsNotFoundError, ValueError) as exc:
+            raise fail(str(exc)) from None
+    elif model is not None:
+        raise fail("give --model or --predictions, not both")
+    distributed = _init_distributed(picked)
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
+    try:
+        result = evaluate(data, options, model=net, predictions=predictions)
+    except (EvalError, DatasetError) as exc:
+        raise fail(str(exc)) from None
+    if rank != 0:
+        return
+    protocol = report_protocol(
+        data, options,
+        model=model_name, model_identity=model_id if net is not None else None,
+        predictions=str(predictions) if predictions else None,
+        templates=template_list, object_score=not no_object_score,
+        device=picked if net is not None else None, precision=precision if net is not None else None,
+    )
+    full = {"protocol": protocol, **result}
+    _print_metrics(full)
+    if report is not None:
+        write_report(report, full)
+        err.print(f"report: {report}", highlight=False)
+
+
+def _print_metrics(report: dict) -> None:
+    metrics = report["metrics"]
+    per_image = report["seconds_model_per_image"]
+    title = (f"{report['protocol']['dataset']}: {report['images']} images, {report['seconds_total']:.1f} s"
+             + (f", model {per_image:.3f} s/image" if per_image else ""))
+    table = Table(title=title)
+    for column in ("task", "split", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    keys = {"panoptic": ("pq", "sq", "rq"), "semantic": ("mIoU", "fwIoU", "pACC", "mACC"),
+            "instance": ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    for task_name, values in metrics.items():
+        for split_name, block in values.items():
+            if not isinstance(block, dict) or split_name == "per_class":
+                continue
+            for key in keys[task_name]:
+                if key in block and block[key] is not None:
+                    table.add_row(task_name, split_name, key, f"{block[key]:.2f}")
+        if task_name in ("semantic", "instance"):
+            for key in keys[task_name]:
+                if key in values and not isinstance(values[key], dict):
+                    table.add_row(task_name, "all", key, f"{values[key]:.2f}")
+    out.print(table)
+
+
+@app.command("synth")
+def synth_command(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (or add a split to)."),
+    split: str = typer.Option("val", help="Split name (train, val, ...)."),
+    images: int = typer.Option(200, min=1, help="Number of scenes."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives a byte-identical dataset."),
+    size: int = typer.Option(256, min=32, help="Image side in pixels."),
+    novel: str | None = typer.Option(None, help="Comma list of novel categories (default: the generator's)."),
+    base_only: bool = typer.Option(False, help="Leave novel categories unannotated (a base-only training split)."),
+    crops: bool = typer.Option(True, help="Also write per-object crops with captions (for training a small CLIP)."),
+) -> None:
+    """Generate the synthetic shapes world: images, COCO panoptic + instances, label maps, vocabulary, captions."""
+    from masqclip_cli.data.synthetic import DEFAULT_NOVEL, SynthConfig, generate
+
+    config = SynthConfig(images=images, seed=seed, split=split, size=(size, size),
+                         novel=tuple(_split_list(novel, "novel")) if novel else DEFAULT_NOVEL,
+                         base_only=base_only, crops=crops)
+    try:
+        summary = generate(out_dir, config)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    err.print(f"wrote {images} {split} scenes to {out_dir}: " + json.dumps(summary, default=str)[:300],
+              highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

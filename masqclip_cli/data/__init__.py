@@ -1,0 +1,1 @@
+"""Datasets: evaluation readers (:mod:`.datasets`) and the synthetic shapes world (:mod:`.synthetic`)."""
