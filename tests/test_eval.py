@@ -127,3 +127,23 @@ def test_torchrun_two_processes_equal_one(synth_root, tmp_path):
             assert a == b
 
     close(one["metrics"], two["metrics"])
+
+
+def test_real_coco_panoptic_sample_against_itself_is_pq_100():
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-panoptic-sample"
+    if not sample.is_dir():
+        pytest.skip(f"{sample} not found")
+    data = load_dataset("coco-panoptic", images=sample / "images", panoptic_dir=sample / "panoptic",
+                        panoptic_json=sample / "panoptic.json")
+    n = len(data.vocabulary)
+    pan, sem = PanopticAccumulator(n), SemanticAccumulator(n, ignore_index=-1)
+    for s in data.samples:
+        ids, segments = s.panoptic_gt()
+        infos = [PanopticSegmentInfo(g.id, g.category, g.iscrowd) for g in segments]
+        pan.add(ids, infos, ids, infos)
+        sem.add(s.semantic_gt(), s.semantic_gt())
+    result = pan.result(list(data.vocabulary.isthing))
+    assert result["all"]["pq"] == pytest.approx(100.0) and result["all"]["n"] > 5
+    assert sem.result()["mIoU"] == pytest.approx(100.0)
