@@ -128,3 +128,17 @@ def test_mismatched_tensors_are_refused(tiny_clip, tmp_path):
     save_file(tensors, str(broken), metadata=meta)
     with pytest.raises(ModelFileError, match="broken.safetensors: MasQ tensors do not match"):
         load_model_file(broken)
+
+
+@pytest.mark.parametrize("tune", ["k", "clip"])
+def test_round_trip_keeps_the_tune_mode(tiny_clip, tmp_path, tune):
+    model, spec = tiny_clip
+    masq = MasQVisual(model.visual, tune=tune)
+    _perturb(masq, 4)
+    parts = load_model_file(save_model_file(tmp_path / f"{tune}.safetensors", masq, spec))
+    assert parts.masq_visual.tune == tune
+    names = {n for n, p in parts.masq_visual.named_parameters() if p.requires_grad}
+    assert names == {n for n, p in masq.named_parameters() if p.requires_grad}
+    pixels, allowed = _inputs(masq, q=3)
+    with torch.no_grad():
+        assert torch.equal(masq(pixels, allowed), parts.masq_visual(pixels, allowed))

@@ -152,6 +152,7 @@ def save_model_file(
         },
         "masq": {
             "fq_init": masq_visual.fq_init,
+            "tune": masq_visual.tune,
             "extra_projections": list(masq_visual.extra_projections),
         },
         "proposals": proposals_config,
@@ -224,6 +225,7 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Mas
     masq = MasQVisual(
         clip_model.visual,
         fq_init=config["masq"].get("fq_init", "copy"),
+        tune=config["masq"].get("tune", "q"),
         extra_projections=tuple(config["masq"].get("extra_projections", ())),
     ).to(device)
     extras = _strip(tensors, "masq.")

@@ -33,10 +33,34 @@ CLIP text embeddings.
 
 Optional per-block K'/V' projections (``extra_projections=("k", "v")``) give the mask tokens their own keys/values
 computed from the ``ln_1``-normalised image tokens; they are not part of the official method (which tunes Q only).
+
+Tuning ablations (``tune``, paper Table 5)
+------------------------------------------
+``tune`` picks what MasQ-Tuning trains; ``mask_pos_embed`` is trainable in every mode and the image-token path always
+uses the frozen CLIP weights, so ``encode_image`` never changes. Every new weight starts as a copy of the frozen CLIP
+one, so with ``fq_init="copy"`` all modes give exactly the same outputs at initialisation.
+
+* ``"q"`` (default, the method): f_Q' trainable (plus any ``extra_projections``, trainable too, as before).
+* ``"k"`` / ``"v"``: K' (resp. V') trainable; f_Q' still exists (same state_dict keys) but is a **frozen** copy of
+  CLIP's f_Q, so the mask queries are CLIP's own.
+* ``"qk"`` / ``"qkv"``: f_Q' and K' (and V') trainable.
+* ``"clip"``: the mask-token path gets its own trainable copy of CLIP: per block ``mask_blocks.{i}`` (a deep copy of
+  the whole ``ResidualAttentionBlock``: ``ln_1``, ``attn.in_proj_*``, ``attn.out_proj``, ``ls_1``, ``ln_2``,
+  ``mlp``, ``ls_2``) plus ``mask_ln_pre``, ``mask_ln_post`` and ``mask_proj``. In block i the mask tokens compute
+  ``h_q = copy.ln_1(x_q)`` and read the (frozen-path) image tokens through ``copy.ln_1(x_img)``; q, k, v all come
+  from the copied ``in_proj``, then the copied ``out_proj``/``ls_1``, residual, copied ``ln_2``/``mlp``/``ls_2``.
+  The image tokens themselves (``conv1``, class/positional embeddings, the frozen blocks) are not copied;
+  ``class_embedding`` is not copied either since the trainable ``mask_pos_embed`` is added to it. f_Q' exists as a
+  frozen copy but is unused.
+
+The new projections that exist are those ``tune`` implies (k → K', v → V', qk → K', qkv → K', V') together with
+``extra_projections``; all of them are trainable (``extra_projections`` keep their meaning of "extra trainable K'/V'"),
+so ``MasQVisual(visual, tune=m.tune, extra_projections=m.extra_projections)`` rebuilds the same module.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +74,7 @@ from torch import Tensor, nn
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "TUNE_MODES",
     "MasQVisual",
     "MasQVisualOutput",
     "create_masq_visual",
@@ -60,6 +85,7 @@ OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.4082107
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 _PROJ_NAMES = ("q", "k", "v")
+TUNE_MODES: tuple[str, ...] = ("q", "k", "v", "qk", "qkv", "clip")
 
 
 def pad_to_multiple(image: Tensor, divisor: int = 32) -> Tensor:
@@ -171,6 +197,8 @@ class MasQVisual(nn.Module):
         ``mask_pos_embed``: ``(W,)`` trainable; mask token = ``class_embedding + mask_pos_embed``.
         ``q_proj_new.{i}.weight`` ``(W, W)``, ``.bias`` ``(W,)``: f_Q' of block i, trainable.
         ``k_proj_new.{i}.*`` / ``v_proj_new.{i}.*``: optional K'/V' of block i (``extra_projections``), trainable.
+        ``mask_blocks.{i}.*``, ``mask_ln_pre.*``, ``mask_ln_post.*``, ``mask_proj``: the mask path's own CLIP copy
+        (``tune="clip"`` only).
 
     Args:
         visual: an open_clip ``VisionTransformer`` with a class token (``clip_model.visual``). It is wrapped, not
@@ -179,7 +207,10 @@ class MasQVisual(nn.Module):
             classifier) or ``"random"`` (PyTorch's default ``nn.Linear`` init, as the official training code).
         num_heads: attention heads; read from the blocks (``attn.num_heads``); if given it must agree.
         extra_projections: subset of ``("k", "v")``: add per-block K'/V' used only by the mask tokens, initialised
-            as copies of CLIP's own k/v projections.
+            as copies of CLIP's own k/v projections, trainable (in addition to what ``tune`` trains).
+        tune: which weights MasQ-Tuning trains, one of :data:`TUNE_MODES` (paper Table 5; see the module docstring).
+            ``fq_init="random"`` needs f_Q' to be trained (``"q"``, ``"qk"``, ``"qkv"``); ``"clip"`` takes no
+            ``extra_projections``.
     """
 
     def __init__(
@@ -188,6 +219,7 @@ class MasQVisual(nn.Module):
         fq_init: Literal["copy", "random"] = "copy",
         num_heads: int | None = None,
         extra_projections: Sequence[str] = (),
+        tune: str = "q",
     ) -> None:
         super().__init__()
         _check_supported(visual)
@@ -197,6 +229,14 @@ class MasQVisual(nn.Module):
         bad = [p for p in extra if p not in ("k", "v")]
         if bad or len(set(extra)) != len(extra):
             raise ValueError(f"extra_projections must be a subset of ('k', 'v') without repeats, got {extra}")
+        if tune not in TUNE_MODES:
+            raise ValueError(f"tune must be one of {TUNE_MODES}, got {tune!r}")
+        if tune == "clip" and extra:
+            raise ValueError(
+                f"tune='clip' takes no extra_projections (the mask path has its own CLIP copy), got {extra}"
+            )
+        if fq_init == "random" and "q" not in tune:
+            raise ValueError(f"fq_init='random' needs a tune mode that trains f_Q' (q, qk, qkv), got tune={tune!r}")
 
         blocks = visual.transformer.resblocks
         heads = {int(blk.attn.num_heads) for blk in blocks}
@@ -210,7 +250,10 @@ class MasQVisual(nn.Module):
         self.visual.requires_grad_(False)
         self.num_heads: int = block_heads
         self.fq_init: str = fq_init
-        self.extra_projections: tuple[str, ...] = tuple(p for p in ("k", "v") if p in extra)
+        self.tune: str = tune
+        implied = set(extra) | ({p for p in ("k", "v") if p in tune} if tune != "clip" else set())
+        self.extra_projections: tuple[str, ...] = tuple(p for p in ("k", "v") if p in implied)
+        extra = self.extra_projections
 
         ref = visual.class_embedding
         width = ref.shape[-1]
@@ -221,6 +264,23 @@ class MasQVisual(nn.Module):
         if fq_init == "copy":
             self.reset_projections_from_clip(("q",))
         self.reset_projections_from_clip(self.extra_projections)
+
+        # tune="clip": the mask path's own trainable copy of every CLIP weight it uses (image path stays frozen)
+        self.mask_blocks: nn.ModuleList | None = None
+        self.mask_ln_pre: nn.Module | None = None
+        self.mask_ln_post: nn.Module | None = None
+        self.mask_proj: nn.Parameter | None = None
+        if tune == "clip":
+            self.mask_blocks = nn.ModuleList(copy.deepcopy(blk) for blk in blocks)
+            self.mask_ln_pre = copy.deepcopy(visual.ln_pre)
+            self.mask_ln_post = copy.deepcopy(visual.ln_post)
+            self.mask_proj = nn.Parameter(visual.proj.detach().clone())
+            for mod in (self.mask_blocks, self.mask_ln_pre, self.mask_ln_post):
+                mod.requires_grad_(True)
+
+        self.trainable_projections: tuple[str, ...] = (("q",) if "q" in tune else ()) + self.extra_projections
+        if "q" not in self.trainable_projections:
+            self.q_proj_new.requires_grad_(False)  # a frozen copy of CLIP's f_Q
 
         mean = getattr(visual, "image_mean", None)
         std = getattr(visual, "image_std", None)
@@ -292,13 +352,31 @@ class MasQVisual(nn.Module):
         return self.width // self.num_heads
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters MasQ-Tuning trains: every f_Q' (and K'/V' if present) and ``mask_pos_embed``."""
+        """The parameters MasQ-Tuning trains in this ``tune`` mode (exactly those with ``requires_grad``): the
+        trainable new projections (f_Q' in ``"q"`` mode, plus K'/V' if present), the mask path's CLIP copy in
+        ``"clip"`` mode, and ``mask_pos_embed``."""
         params: list[nn.Parameter] = []
-        for mods in (self.q_proj_new, self.k_proj_new, self.v_proj_new):
-            if mods is not None:
-                params.extend(mods.parameters())
+        for name in self.trainable_projections:
+            params.extend(getattr(self, f"{name}_proj_new").parameters())
+        if self.mask_blocks is not None:
+            for mod in (self.mask_blocks, self.mask_ln_pre, self.mask_ln_post):
+                params.extend(mod.parameters())
+            params.append(self.mask_proj)
         params.append(self.mask_pos_embed)
         return params
+
+    @torch.no_grad()
+    def reset_mask_path_from_clip(self) -> None:
+        """``tune="clip"``: copy the frozen CLIP weights into the mask path's own copy (blocks, ``ln_pre``,
+        ``ln_post``, ``proj``). A no-op in the other modes."""
+        if self.mask_blocks is None:
+            return
+        v = self.visual
+        for blk, cp in zip(v.transformer.resblocks, self.mask_blocks, strict=True):
+            cp.load_state_dict(blk.state_dict())
+        self.mask_ln_pre.load_state_dict(v.ln_pre.state_dict())
+        self.mask_ln_post.load_state_dict(v.ln_post.state_dict())
+        self.mask_proj.copy_(v.proj)
 
     # ------------------------------------------------------------------ inputs
     def preprocess(self, images_padded: Tensor) -> Tensor:
@@ -417,7 +495,10 @@ class MasQVisual(nn.Module):
         mask_tok = (v.class_embedding.to(dtype) + self.mask_pos_embed.to(dtype)).view(1, 1, w).expand(b, q, w)
         x = torch.cat([mask_tok, img], dim=1)  # (B, Q+N, W)
         before = x
-        x = v.ln_pre(x)
+        if self.mask_ln_pre is None:
+            x = v.ln_pre(x)
+        else:
+            x = torch.cat([self.mask_ln_pre(x[:, :q]), v.ln_pre(x[:, q:])], dim=1)
         after_pre = x
 
         blocks_out: list[Tensor] = []
@@ -426,7 +507,10 @@ class MasQVisual(nn.Module):
             if collect:
                 blocks_out.append(x)
 
-        mask_out = v.ln_post(x[:, :q]) @ v.proj  # (B, Q, D)
+        if self.mask_blocks is None:
+            mask_out = v.ln_post(x[:, :q]) @ v.proj  # (B, Q, D)
+        else:
+            mask_out = self.mask_ln_post(x[:, :q]) @ self.mask_proj.to(dtype)
         emb = F.normalize(mask_out, dim=-1)
         if not collect:
             return emb
@@ -437,6 +521,8 @@ class MasQVisual(nn.Module):
         self, i: int, blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor, weights: list[Tensor] | None
     ) -> Tensor:
         """One residual block on ``x`` ``(B, Q+N, W)`` = [mask tokens, image tokens]."""
+        if self.mask_blocks is not None:
+            return self._block_clip_copy(i, blk, x, allowed, weights)
         b, q = allowed.shape[:2]
         heads, hd, w = self.num_heads, self.head_dim, self.width
         attn = blk.attn
@@ -452,14 +538,7 @@ class MasQVisual(nn.Module):
             q_m = self.q_proj_new[i](h_mask).view(b, q, heads, hd).transpose(1, 2)  # (B, H, Q, hd)
             k_m = k_img if self.k_proj_new is None else self._split(self.k_proj_new[i](h_img))
             v_m = v_img if self.v_proj_new is None else self._split(self.v_proj_new[i](h_img))
-            mask = allowed[:, None]  # (B, 1, Q, N), broadcast over heads
-            if weights is None:
-                o_mask = F.scaled_dot_product_attention(q_m, k_m, v_m, attn_mask=mask)
-            else:
-                scores = (q_m.float() @ k_m.float().transpose(-1, -2)) * (hd**-0.5)  # (B, H, Q, N)
-                probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-                weights.append(probs)
-                o_mask = (probs @ v_m.float()).to(v_m.dtype)
+            o_mask = self._mask_attention(q_m, k_m, v_m, allowed, weights)
             o = torch.cat([o_mask, o_img], dim=2)  # (B, H, Q+N, hd)
         else:
             o = o_img
@@ -468,6 +547,46 @@ class MasQVisual(nn.Module):
         x = x + blk.ls_1(o)
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
         return x
+
+    def _mask_attention(
+        self, q_m: Tensor, k_m: Tensor, v_m: Tensor, allowed: Tensor, weights: list[Tensor] | None
+    ) -> Tensor:
+        """Masked attention of the mask tokens ``(B, H, Q, hd)`` over image keys/values ``(B, H, N, hd)``."""
+        mask = allowed[:, None]  # (B, 1, Q, N), broadcast over heads
+        if weights is None:
+            return F.scaled_dot_product_attention(q_m, k_m, v_m, attn_mask=mask)
+        scores = (q_m.float() @ k_m.float().transpose(-1, -2)) * (self.head_dim**-0.5)  # (B, H, Q, N)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        weights.append(probs)
+        return (probs @ v_m.float()).to(v_m.dtype)
+
+    def _block_clip_copy(
+        self, i: int, blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor, weights: list[Tensor] | None
+    ) -> Tensor:
+        """``tune="clip"``: image tokens through the frozen ``blk``, mask tokens through ``mask_blocks[i]``."""
+        b, q = allowed.shape[:2]
+        w = self.width
+        x_mask, x_img = x[:, :q], x[:, q:]
+        n = x_img.shape[1]
+        attn = blk.attn
+        qkv = F.linear(blk.ln_1(x_img), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3W)
+        q_img, k_img, v_img = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o_img = F.scaled_dot_product_attention(q_img, k_img, v_img).transpose(1, 2).reshape(b, n, w)
+        new_img = x_img + blk.ls_1(attn.out_proj(o_img))
+        new_img = new_img + blk.ls_2(blk.mlp(blk.ln_2(new_img)))
+        if q == 0:
+            return new_img
+
+        cp = self.mask_blocks[i]
+        wi, bi = cp.attn.in_proj_weight, cp.attn.in_proj_bias
+        q_m = self._split(F.linear(cp.ln_1(x_mask), wi[:w], bi[:w]))  # (B, H, Q, hd)
+        kv_m = F.linear(cp.ln_1(x_img), wi[w:], bi[w:])  # (B, N, 2W): copied k, v of the image tokens
+        k_m, v_m = self._split(kv_m[..., :w]), self._split(kv_m[..., w:])
+        o_mask = self._mask_attention(q_m, k_m, v_m, allowed, weights)
+        o_mask = o_mask.transpose(1, 2).reshape(b, q, w)
+        x_mask = x_mask + cp.ls_1(cp.attn.out_proj(o_mask))
+        x_mask = x_mask + cp.ls_2(cp.mlp(cp.ln_2(x_mask)))
+        return torch.cat([x_mask, new_img], dim=1)
 
     def _split(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
@@ -482,7 +601,9 @@ class MasQVisual(nn.Module):
         ``visual.transformer.resblocks.{i}.attn.new_q_proj.{weight,bias}`` -> ``q_proj_new[i]``;
         ``mask_embeddings`` -> ``mask_pos_embed`` (loaded as saved, independent of ``positional_embedding[0]``).
         Optional ``...attn.new_k_proj.*`` / ``new_v_proj.*`` load K'/V' when those exist; K'/V' whose keys are absent
-        are re-copied from the newly loaded CLIP k/v. Keys outside ``prefix`` are ignored.
+        are re-copied from the newly loaded CLIP k/v. In ``tune`` modes that do not train f_Q' (``"k"``, ``"v"``,
+        ``"clip"``) ``new_q_proj`` is optional in the same way (absent: re-copied from CLIP's f_Q). In ``"clip"`` mode
+        the mask path's CLIP copy is re-copied from the loaded CLIP. Keys outside ``prefix`` are ignored.
 
         Raises:
             ValueError: missing or unexpected keys within ``prefix``, or shape mismatches (the first few are named).
@@ -497,7 +618,8 @@ class MasQVisual(nn.Module):
             for i, lin in enumerate(mods):
                 for pname in ("weight", "bias"):
                     key = f"visual.transformer.resblocks.{i}.attn.new_{name}_proj.{pname}"
-                    (targets if name == "q" else optional)[key] = getattr(lin, pname)
+                    required = name == "q" and "q" in self.trainable_projections
+                    (targets if required else optional)[key] = getattr(lin, pname)
 
         given = {k[len(prefix) :]: t for k, t in state_dict.items() if k.startswith(prefix)}
         missing = [prefix + k for k in targets if k not in given]
@@ -524,6 +646,7 @@ class MasQVisual(nn.Module):
             else:
                 refresh.append(k.split(".attn.new_")[1][0])
         self.reset_projections_from_clip(sorted(set(refresh)))
+        self.reset_mask_path_from_clip()
 
 
 def create_masq_visual(
@@ -534,7 +657,7 @@ def create_masq_visual(
 ) -> MasQVisual:
     """Create an open_clip model (name or config dict; pretrained tag, local weights file or None for random init)
     and wrap its vision tower in a :class:`MasQVisual` (eval mode). The text tower is dropped; extra keyword
-    arguments go to :class:`MasQVisual` (``num_heads``, ``extra_projections``)."""
+    arguments go to :class:`MasQVisual` (``num_heads``, ``extra_projections``, ``tune``)."""
     from masqclip_cli.modeling.clip_loader import create_open_clip
 
     clip, _spec = create_open_clip(clip_model, pretrained)

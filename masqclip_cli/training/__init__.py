@@ -1,0 +1,1 @@
+"""Training: Hungarian matching and the losses of the proposal network and of MasQ-Tuning."""
