@@ -91,7 +91,9 @@ def object_ce_loss(pred_logits: Tensor, matched: Sequence[Tensor], no_object_wei
     """2-way cross-entropy over all queries of ``pred_logits`` ``(B, Q, 2)``.
 
     ``matched[b]`` holds the matched query indices of image ``b`` (target 0 = object); all other queries have target
-    1 (no-object). Class weights ``[1, no_object_weight]``, weighted mean as ``F.cross_entropy(weight=...)``.
+    1 (no-object). Class weights ``[1, no_object_weight]``, weighted mean as ``F.cross_entropy(weight=...)``. Under
+    torch.distributed the weight sum is averaged over processes (like ``num_masks``), so averaging the processes'
+    gradients gives exactly the single-process gradient of the same global batch.
     """
     batch, num_queries, num_cls = pred_logits.shape
     if num_cls != 2:
@@ -100,7 +102,12 @@ def object_ce_loss(pred_logits: Tensor, matched: Sequence[Tensor], no_object_wei
     for b, idx in enumerate(matched):
         target[b, idx.to(pred_logits.device)] = 0
     weight = torch.tensor([1.0, float(no_object_weight)], device=pred_logits.device)
-    return F.cross_entropy(pred_logits.float().transpose(1, 2), target, weight=weight)
+    losses = F.cross_entropy(pred_logits.float().transpose(1, 2), target, weight=weight, reduction="none")
+    denominator = weight[target].sum().detach()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(denominator)
+        denominator = denominator / dist.get_world_size()
+    return losses.sum() / denominator
 
 
 def _num_masks(targets: Sequence[Tensor], device: torch.device) -> float:
