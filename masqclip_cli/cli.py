@@ -612,6 +612,103 @@ def synth_command(
               highlight=False)
 
 
+@app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+def train_command(
+    stage: str = typer.Argument(..., help="proposals (class-agnostic teacher), distill (progressive distillation) "
+                                "or masq (MasQ-tuning)."),
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (see configs/)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override any config setting: --set key=value "
+                                        "(repeatable; e.g. --set lr_steps=[0.9] --set num_points=12544)."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Run folder (checkpoint.pt, metrics.jsonl, "
+                                        "final.safetensors); an existing run there is resumed."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Training dataset (any `masqclip eval` "
+                                       "dataset; default coco-panoptic)."),
+    root: Path | None = typer.Option(None, help="Folder holding the datasets (for synthetic: the `masqclip synth` "
+                                     "folder)."),
+    split: str | None = typer.Option(None, help="Synthetic datasets: the split to train on (default train)."),
+    classes: str | None = typer.Option(None, help="auto, all or base: with a base/novel split, auto trains on the "
+                                       "base classes only."),
+    proposals: str | None = typer.Option(None, "--proposals", help="proposals stage: the proposal-network config "
+                                         "(m2f-r50, tiny, or a JSON file); masq stage: the model file whose "
+                                         "proposal network is used (the distilled student)."),
+    init: str | None = typer.Option(None, help="proposals stage: start from this model file's proposal network."),
+    backbone_weights: Path | None = typer.Option(None, help="ImageNet ResNet weights (a torchvision state_dict) "
+                                                 "for the backbone."),
+    teacher: str | None = typer.Option(None, help="distill: the teacher model file (a `train proposals` result)."),
+    rounds: int | None = typer.Option(None, help="distill: rounds K (default 2); the student becomes the teacher."),
+    overlap: str | None = typer.Option(None, help="distill: dice (default), iou or dice-points."),
+    clip: str | None = typer.Option(None, help="open_clip model name, a JSON config file, or `tiny` (default: the "
+                                    "teacher's / proposal file's CLIP, else ViT-L-14-336-quickgelu)."),
+    clip_weights: str | None = typer.Option(None, help="open_clip pretrained tag or weights file for --clip "
+                                            "(default openai for the official CLIP; nothing is downloaded unless "
+                                            "MASQCLIP_ALLOW_DOWNLOAD=1)."),
+    tune: str | None = typer.Option(None, help="masq: what to tune: q (MasQCLIP), k, v, qk, qkv or clip."),
+    tie_mask_embeddings: bool | None = typer.Option(None, "--tie-mask-embeddings/--own-mask-embeddings",
+                                                    help="masq: keep the mask position embedding = CLIP's CLS "
+                                                    "position embedding (official code) instead of training it."),
+    iterations: int | None = typer.Option(None, help="Iterations (per round for distill)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Global batch size (split over "
+                                          "torchrun processes)."),
+    lr: float | None = typer.Option(None, help="Base learning rate."),
+    augment: str | None = typer.Option(None, help="fixed (flip + resize to size², COCO-panoptic recipe), lsj "
+                                       "(large-scale jitter + crop, COCO-instance recipe) or none."),
+    size: int | None = typer.Option(None, help="Augmentation size (1024 in the official recipes)."),
+    seed: int | None = typer.Option(None, help="Seed of data order, augmentation, point sampling and init."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda."),
+    amp: str | None = typer.Option(None, help="auto (fp16 on CUDA), off, fp16, bf16."),
+    workers: int | None = typer.Option(None, help="Data-loading processes."),
+    checkpoint_every: int | None = typer.Option(None, help="Save checkpoint.pt every N iterations."),
+    eval_every: int | None = typer.Option(None, help="Evaluate every N iterations (and at the end)."),
+    eval_dataset: str | None = typer.Option(None, help="Dataset to evaluate on (proposal recall; PQ / mIoU / AP "
+                                            "for masq)."),
+    eval_root: Path | None = typer.Option(None, help="Root of the evaluation dataset (default --root)."),
+    eval_split: str | None = typer.Option(None, help="Synthetic evaluation split (default val)."),
+    eval_limit: int | None = typer.Option(None, help="Evaluate on the first N images only."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from checkpoint.pt in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Train MasQCLIP: the class-agnostic teacher, progressive distillation, MasQ-tuning (docs/training.md).
+
+    Runs on one CPU, one GPU, or many with `torchrun --nproc-per-node N -m masqclip_cli train ...`.
+    """
+    from masqclip_cli.training.config import ConfigError, load_config
+    from masqclip_cli.training.loop import train
+
+    options = {
+        "out": str(out_dir) if out_dir else None, "dataset": dataset, "root": str(root) if root else None,
+        "split": split, "classes": classes, "init": init, "teacher": teacher, "rounds": rounds,
+        "backbone_weights": str(backbone_weights) if backbone_weights else None, "overlap": overlap,
+        "clip": clip, "clip_weights": clip_weights, "tune": tune, "tie_mask_embeddings": tie_mask_embeddings,
+        "iterations": iterations, "batch_size": batch_size, "lr": lr, "augment": augment, "size": size,
+        "seed": seed, "device": device, "amp": amp, "workers": workers, "checkpoint_every": checkpoint_every,
+        "eval_every": eval_every, "eval_dataset": eval_dataset, "eval_root": str(eval_root) if eval_root else None,
+        "eval_split": eval_split, "eval_limit": eval_limit, "resume": resume if not resume else None,
+    }
+    if proposals is not None:
+        options["init" if stage == "masq" else "proposals"] = proposals
+    if stage == "masq" and init is not None:
+        raise fail("train masq: give the proposal network with --proposals FILE")
+    try:
+        config = load_config(stage, config_file, overrides, options)
+        from masqclip_cli.modeling.masq_visual import TUNE_MODES
+
+        if config.tune not in TUNE_MODES:
+            raise ConfigError(f"--tune must be one of {', '.join(TUNE_MODES)}, got {config.tune!r}")
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        t0 = time.perf_counter()
+        result = train(config, console=None if quiet or not rank0 else err)
+    except KeyboardInterrupt as exc:
+        err.print(f"interrupted: {exc or 'stopped'}", highlight=False)
+        raise typer.Exit(130) from None
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    if rank0:
+        seconds = time.perf_counter() - t0
+        per_iter = f", {result.seconds_per_iteration:.3f} s/iteration" if result.seconds_per_iteration else ""
+        err.print(f"{stage}: {result.iterations_run} iterations in {seconds:.1f} s{per_iter}; model: {result.final}",
+                  highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

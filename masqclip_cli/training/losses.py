@@ -33,16 +33,22 @@ __all__ = [
 ]
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """Losses are computed in float32, or in float64 when given float64 (exact-equality checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def sigmoid_ce_loss(logits: Tensor, labels: Tensor, num_masks: float | Tensor) -> Tensor:
     """Sigmoid BCE of ``logits`` ``(M, P)`` vs ``labels`` ``(M, P)``: mean over points, sum over masks / num_masks."""
-    loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    logits = _upcast(logits)
+    loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
     return loss.mean(1).sum() / num_masks
 
 
 def dice_loss(logits: Tensor, labels: Tensor, num_masks: float | Tensor) -> Tensor:
     """``1 - (2 Σ σ(x)·y + 1) / (Σ σ(x) + Σ y + 1)`` per mask (sums over points), summed over masks / num_masks."""
-    prob = logits.float().sigmoid()
-    labels = labels.float()
+    prob = _upcast(logits).sigmoid()
+    labels = labels.to(prob.dtype)
     numerator = 2.0 * (prob * labels).sum(-1)
     denominator = prob.sum(-1) + labels.sum(-1)
     loss = 1.0 - (numerator + 1.0) / (denominator + 1.0)
@@ -101,8 +107,9 @@ def object_ce_loss(pred_logits: Tensor, matched: Sequence[Tensor], no_object_wei
     target = torch.ones((batch, num_queries), dtype=torch.int64, device=pred_logits.device)
     for b, idx in enumerate(matched):
         target[b, idx.to(pred_logits.device)] = 0
-    weight = torch.tensor([1.0, float(no_object_weight)], device=pred_logits.device)
-    losses = F.cross_entropy(pred_logits.float().transpose(1, 2), target, weight=weight, reduction="none")
+    logits = _upcast(pred_logits)
+    weight = torch.tensor([1.0, float(no_object_weight)], device=pred_logits.device, dtype=logits.dtype)
+    losses = F.cross_entropy(logits.transpose(1, 2), target, weight=weight, reduction="none")
     denominator = weight[target].sum().detach()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(denominator)
@@ -177,20 +184,21 @@ class SetCriterion:
             if pred_idx.numel() == 0:
                 continue
             src = pred_masks[b][pred_idx][:, None]  # (M, 1, h, w) logits
-            tgt = targets[b][gt_idx.to(targets[b].device)].to(device=pred_masks.device, dtype=torch.float32)[:, None]
+            tgt = targets[b][gt_idx.to(targets[b].device)].to(device=pred_masks.device,
+                                                              dtype=_upcast(pred_masks).dtype)[:, None]
             coords = uncertain_point_coords(
                 src.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio, generators[b]
             )
             with torch.no_grad():
                 point_labels.append(point_sample(tgt, coords)[:, 0])
-            point_logits.append(point_sample(src.float(), coords)[:, 0])
+            point_logits.append(point_sample(_upcast(src), coords)[:, 0])
         if point_logits:
             logits = torch.cat(point_logits)
             labels = torch.cat(point_labels)
             loss_mask = sigmoid_ce_loss(logits, labels, num_masks)
             loss_dice = dice_loss(logits, labels, num_masks)
         else:  # no GT in the whole batch: zero losses that keep the graph
-            zero = pred_masks.float().sum() * 0.0
+            zero = _upcast(pred_masks).sum() * 0.0
             loss_mask, loss_dice = zero, zero.clone()
         return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
 
@@ -268,12 +276,18 @@ def assign_labels(
 def masq_loss(log_probs: Tensor, labels: Tensor, background_weight: float = 0.1, weight: float = 2.0) -> Tensor:
     """Weighted NLL of ``log_probs`` ``(..., N + 1)`` (last column = background) vs ``labels`` ``(...)``, times
     ``weight``. Class weights 1 for the N classes and ``background_weight`` for background; weighted mean as
-    ``F.nll_loss(weight=...)``. Zero (graph kept) when there are no queries."""
+    ``F.nll_loss(weight=...)`` (under torch.distributed the weight sum is averaged over processes, as in
+    :func:`object_ce_loss`). Zero (graph kept) when there are no queries."""
     num_cls = log_probs.shape[-1]
-    flat = log_probs.reshape(-1, num_cls).float()
+    flat = _upcast(log_probs.reshape(-1, num_cls))
     flat_labels = labels.reshape(-1).to(device=log_probs.device, dtype=torch.int64)
     if flat.shape[0] == 0:
-        return log_probs.float().sum() * 0.0
-    class_weight = torch.ones(num_cls, device=log_probs.device)
+        return _upcast(log_probs).sum() * 0.0
+    class_weight = torch.ones(num_cls, device=log_probs.device, dtype=flat.dtype)
     class_weight[-1] = float(background_weight)
-    return F.nll_loss(flat, flat_labels, weight=class_weight) * float(weight)
+    losses = F.nll_loss(flat, flat_labels, weight=class_weight, reduction="none")
+    denominator = class_weight[flat_labels].sum().detach()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(denominator)
+        denominator = denominator / dist.get_world_size()
+    return losses.sum() / denominator * float(weight)

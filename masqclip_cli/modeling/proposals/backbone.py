@@ -24,6 +24,8 @@ __all__ = [
     "ConvNorm2d",
     "FrozenBatchNorm2d",
     "ResNet",
+    "load_torchvision_resnet",
+    "torchvision_resnet_key",
 ]
 
 #: Blocks per stage (res2, res3, res4, res5) for each supported depth.
@@ -313,3 +315,53 @@ class ResNet(nn.Module):
             x = getattr(self, name)(x)
             out[name] = x
         return out
+
+
+_TV_NORM = {"bn1": "conv1.norm", "bn2": "conv2.norm", "bn3": "conv3.norm"}
+
+
+def torchvision_resnet_key(key: str) -> str | None:
+    """Our key for a torchvision ResNet state_dict key (None: a key we do not use, ``fc.*`` and
+    ``num_batches_tracked``). ``conv1``/``bn1`` → ``stem.conv1(.norm)``, ``layer{k}.{b}.conv{i}``/``bn{i}`` →
+    ``res{k+1}.{b}.conv{i}(.norm)``, ``downsample.0``/``.1`` → ``shortcut(.norm)``."""
+    if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+        return None
+    parts = key.split(".")
+    if parts[0] == "conv1":
+        return "stem.conv1." + ".".join(parts[1:])
+    if parts[0] == "bn1":
+        return "stem.conv1.norm." + ".".join(parts[1:])
+    if parts[0].startswith("layer") and len(parts) >= 4:
+        stage = f"res{int(parts[0][5:]) + 1}.{parts[1]}"
+        name, rest = parts[2], parts[3:]
+        if name == "downsample":
+            return f"{stage}.shortcut{'.norm' if rest[0] == '1' else ''}." + ".".join(rest[1:])
+        if name in _TV_NORM:
+            return f"{stage}.{_TV_NORM[name]}." + ".".join(rest)
+        return f"{stage}.{name}." + ".".join(rest)
+    return key
+
+
+def load_torchvision_resnet(backbone: ResNet, state_dict: dict[str, Tensor]) -> list[str]:
+    """Load an ImageNet torchvision ResNet ``state_dict`` (the weights Mask2Former's R-50 starts from; torchvision
+    puts the stride in the 3×3 conv, so use ``stride_in_1x1=False``) into ``backbone``. Returns the torchvision keys
+    that were not used. Raises ValueError when a backbone tensor is missing or has another shape."""
+    own = backbone.state_dict()
+    mapped: dict[str, Tensor] = {}
+    unused = []
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        ours = torchvision_resnet_key(key)
+        if ours is None or ours not in own:
+            unused.append(key)
+            continue
+        if tuple(own[ours].shape) != tuple(value.shape):
+            raise ValueError(f"backbone weight {key}: shape {tuple(value.shape)} does not fit {ours} "
+                             f"{tuple(own[ours].shape)}")
+        mapped[ours] = value
+    missing = sorted(set(own) - set(mapped))
+    if missing:
+        raise ValueError(f"the ResNet weights lack {len(missing)} backbone tensors, e.g. {missing[:3]}")
+    backbone.load_state_dict(mapped, strict=True)
+    return unused
