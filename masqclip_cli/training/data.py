@@ -247,8 +247,8 @@ class TrainDataset:
         image, masks = augment(rgb, masks, self.augment, _rng(self.seed, 1, epoch, index))
         keep = masks.reshape(masks.shape[0], -1).any(axis=1) if masks.shape[0] else np.zeros(0, dtype=bool)
         return TrainSample(
-            image=torch.from_numpy(image).permute(2, 0, 1).contiguous(),
-            masks=torch.from_numpy(masks[keep]),
+            image=torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).contiguous(),
+            masks=torch.from_numpy(np.require(masks[keep], requirements=["C", "W"])),
             classes=torch.from_numpy(classes[keep]),
             id=sample.id,
             position=-1,
