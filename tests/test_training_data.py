@@ -247,3 +247,21 @@ def test_proposal_recall_counts_recovered_segments(synth):
     assert perfect["segments"]["all"] == total and perfect["images"] == 5
     half = proposal_recall(_OracleNetwork(table, 2), dataset)
     assert half["recall@0.5"]["all"] == pytest.approx(100.0 * kept / total)
+
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    from masqclip_cli.training.config import read_config_file
+
+    stage = read_config_file(path).get("stage")
+    stages = [stage] if stage else ["proposals", "distill", "masq"]
+    for s in stages:
+        config = load_config(s, path, options={"teacher": "t.safetensors", "init": "p.safetensors"})
+        assert config.stage == s
+
+
+def test_configs_are_shipped():
+    assert len(CONFIGS) == 7

@@ -27,6 +27,7 @@ Masks left empty by a crop are dropped.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 AUGMENT_MODES = ("fixed", "lsj", "none")
+logger = logging.getLogger("masqclip")
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,10 @@ class TrainDataset:
             try:
                 out = self.load(index, epoch)
             except DatasetError as exc:
-                self.skipped.add(self.dataset.samples[index].id)
+                sample_id = self.dataset.samples[index].id
+                if sample_id not in self.skipped:
+                    logger.warning("skipping training image %s: %s", sample_id, exc)
+                self.skipped.add(sample_id)
                 first_error = first_error or exc
                 continue
             out.position = int(position)
