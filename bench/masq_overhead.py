@@ -6,6 +6,7 @@ theoretical FLOP ratio from the geometry (multiply-adds of the transformer block
 
     python bench/masq_overhead.py                      # ViT-B-16 @224, Q = 100
     python bench/masq_overhead.py --models ViT-B-16 ViT-L-14-336-quickgelu --reps 5
+    python bench/masq_overhead.py --smoke --out /tmp/x.json   # the tiny CLIP, one repetition (smoke test)
 
 Writes bench/results/masq_overhead.json.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from masqclip_cli.modeling.clip_loader import create_open_clip
+from masqclip_cli.modeling.factory import TINY_CLIP_CONFIG
 from masqclip_cli.modeling.masq_visual import MasQVisual
 
 
@@ -48,7 +50,7 @@ def _median_ms(fn, reps: int) -> float:
 
 def measure(model_name: str, queries: int, reps: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    clip, spec = create_open_clip(model_name, pretrained=None)
+    clip, spec = create_open_clip(TINY_CLIP_CONFIG if model_name == "tiny" else model_name, pretrained=None)
     visual = clip.visual.eval()
     masq = MasQVisual(visual).eval()
     size = masq.image_size
@@ -76,13 +78,16 @@ def measure(model_name: str, queries: int, reps: int, warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["ViT-B-16"])
+    parser.add_argument("--models", nargs="+", default=["ViT-B-16"], help="open_clip model names, or 'tiny'")
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "masq_overhead.json")
+    parser.add_argument("--smoke", action="store_true", help="the tiny CLIP, one repetition (for the smoke test)")
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.reps, args.warmup = ["tiny"], 1, 1
     torch.set_num_threads(args.threads)
     rows = [measure(m, args.queries, args.reps, args.warmup) for m in args.models]
     result = {

@@ -6,6 +6,7 @@ them), one image of 640×480 (short side 640 → 640×853 with --short-side; def
 
     python bench/model_stages.py                   # full size
     python bench/model_stages.py --model tiny-random
+    python bench/model_stages.py --smoke --out /tmp/x.json   # tiny-random, small image, one repetition (smoke test)
 
 Writes bench/results/model_stages_<model>.json.
 """
@@ -61,7 +62,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny-random, a 128x160 image, one repetition")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/model_stages_<model>.json")
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.height, args.width, args.reps = "tiny-random", 128, 160, 1
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = load_model(args.model)
@@ -90,7 +95,7 @@ def main() -> None:
         **{k: round(v, 3) for k, v in text_times.items()},
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
-    out = Path(__file__).parent / "results" / f"model_stages_{args.model}.json"
+    out = args.out or Path(__file__).parent / "results" / f"model_stages_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -118,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     geometries = ["tiny"] if args.smoke else [g.strip() for g in args.geometries.split(",") if g.strip()]
     iterations = 2 if args.smoke else max(2, args.iterations)
-    results: dict = {"benchmark": "train_step", **machine_info(args.threads), "iterations": iterations,
+    results: dict = {"bench": "train_step", **machine_info(args.threads), "iterations": iterations,
                      "geometries": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

@@ -1,0 +1,119 @@
+"""Smoke test of the benchmark scripts: each ``bench/*.py`` runs on its smallest setting (``--smoke``) in a
+subprocess, exits 0 and writes a result JSON with the expected keys and positive timings. Results go to a temporary
+folder, never to ``bench/results``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))  # _common.py is a helper
+COMMON_KEYS = {"bench", "machine", "threads", "torch"}
+
+
+def _positive(*values) -> bool:  # noqa: ANN002
+    return all(isinstance(v, (int, float)) and v > 0 for v in values)
+
+
+def check_masq_overhead(r: dict) -> None:
+    assert r["rows"]
+    for row in r["rows"]:
+        assert _positive(row["encode_image_ms"], row["masq_forward_ms"], row["measured_ratio"],
+                         row["theoretical_flop_ratio"])
+
+
+def check_model_stages(r: dict) -> None:
+    assert set(r["stages_s"]) == {"preprocess", "backbone", "pixel_decoder", "transformer_decoder", "clip",
+                                  "classifier"}
+    assert all(v >= 0 for v in r["stages_s"].values())  # rounded to ms: a tiny stage may read 0.0
+    assert _positive(r["total_s"], r["build_model_s"], r["peak_rss_gib"], r["text_150_names_s"])
+
+
+def check_crop_classify(r: dict) -> None:
+    assert r["rows"]
+    for row in r["rows"]:
+        assert row["masks"] > 0 and row["crop_batch_size"] > 0
+        assert _positive(row["masq_s"], row["crop_s"], row["speedup"], row["crop_ms_per_mask"])
+
+
+def check_vocab_scale(r: dict) -> None:
+    assert [row["classes"] for row in r["rows"]] == sorted(row["classes"] for row in r["rows"]) and r["rows"]
+    for row in r["rows"]:
+        assert _positive(row["first_run_s"], row["cached_run_ms"]) and row["encode_batches"] >= 1
+        assert row["bank_shape"][0] == row["classes"] + 1
+    overhead = r["segment_overhead"]
+    small, large = overhead["vocabularies"]
+    for entry in overhead["by_tasks"]:
+        assert _positive(entry[f"run_{small}_classes_s"], entry[f"run_{large}_classes_s"])
+        assert isinstance(entry["added_fraction"], float) and isinstance(entry["meets_target"], bool)
+
+
+def check_streaming_memory(r: dict) -> None:
+    assert len([row for row in r["rows"] if not row["warmup"]]) >= 2
+    for row in r["rows"]:
+        assert _positive(row["peak_rss_mib"], row["wall_s"], row["images"])
+    assert _positive(r["peak_rss_ratio"])
+
+
+def check_segment_e2e(r: dict) -> None:
+    assert r["rows"]
+    for row in r["rows"]:
+        assert set(row["seconds"]) == {"decode", "preprocess", "backbone", "pixel_decoder", "transformer_decoder",
+                                       "clip", "classifier", "model_other", "postprocess", "write", "other"}
+        assert _positive(row["items_per_s"], row["wall_s"], row["model_s"], row["peak_rss_gib"],
+                         row["seconds"]["backbone"], row["seconds"]["clip"], row["seconds"]["postprocess"])
+        assert 0 < row["model_share_of_wall"] <= 1
+
+
+def check_train_step(r: dict) -> None:
+    assert r["geometries"]
+    for entry in r["geometries"].values():
+        for stage in ("proposals", "distill", "masq"):
+            assert _positive(entry[stage]["seconds_per_iteration"], entry[stage]["wall_seconds"])
+
+
+CHECKS = {
+    "masq_overhead.py": check_masq_overhead,
+    "model_stages.py": check_model_stages,
+    "crop_classify.py": check_crop_classify,
+    "vocab_scale.py": check_vocab_scale,
+    "streaming_memory.py": check_streaming_memory,
+    "segment_e2e.py": check_segment_e2e,
+    "train_step.py": check_train_step,
+}
+
+
+def _results_state() -> dict[str, int]:
+    results = BENCH / "results"
+    return {p.name: p.stat().st_mtime_ns for p in results.iterdir()} if results.is_dir() else {}
+
+
+def test_every_script_is_checked_and_in_run_all():
+    assert set(SCRIPTS) == set(CHECKS), "a new bench script needs a check here"
+    run_all = (BENCH / "run_all.sh").read_text()
+    for name in SCRIPTS:
+        assert f"bench/{name}" in run_all, f"{name} is not in bench/run_all.sh"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_script_smoke(script, tmp_path):
+    out = tmp_path / "result.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["MASQCLIP_CACHE_DIR"] = str(tmp_path / "cache")
+    before = _results_state()
+    done = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _results_state() == before, "a smoke run wrote into bench/results"
+    result = json.loads(out.read_text())
+    assert COMMON_KEYS <= set(result), set(result)
+    assert result["bench"] == script.removesuffix(".py") and result["threads"] >= 1
+    CHECKS[script](result)
