@@ -249,8 +249,9 @@ class TrainConfig:
         lr, weight_decay, warmup, min_lr_ratio: AdamW, linear warmup over ``warmup`` of the steps, cosine decay to
             ``min_lr_ratio * lr``.
         seed: seeds the initialisation, the order of items, the caption variants and the augmentation.
-        time_budget: seconds for the training loop (None: no limit); after a few steps the number of steps is cut
-            to what fits (the cosine schedule follows), and the loop stops when the budget is spent.
+        time_budget: seconds for the training loop (None: no limit). The schedule then runs on the larger of the
+            fractions of steps done and of the budget spent, so warmup and cosine decay complete within the budget
+            however fast the machine is (CPU time on a shared machine varies), and the loop stops when it is spent.
         caption_aug: draw crop captions among their shortened variants (else the caption only).
         dedup_targets: items with the same caption text are positives of each other.
         crop_zoom: smallest area fraction of the random zoom of crops (1 = none).
@@ -275,11 +276,11 @@ class TrainConfig:
     variant_weights: tuple[float, ...] = field(default=(0.4, 0.2, 0.2, 0.2))
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    warm = max(1, int(round(cfg.warmup * total)))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, total - warm))
+def _lr_at(progress: float, cfg: TrainConfig) -> float:
+    """Learning rate at a fraction of the run: linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+    if progress < cfg.warmup:
+        return cfg.lr * progress / cfg.warmup
+    t = min(1.0, (progress - cfg.warmup) / max(1e-9, 1 - cfg.warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -397,11 +398,20 @@ def train_clip(
     order = torch.randperm(n, generator=gen)
     cursor = 0
     start = time.perf_counter()
-    budget_checked = cfg.time_budget is None
     step = 0
     window: list[float] = []
     stopped_by_budget = False
     while step < total:
+        elapsed = time.perf_counter() - start
+        if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+            stopped_by_budget = True
+            if log:
+                log(f"time budget spent after {step} steps")
+            break
+        progress = (step + 1) / total
+        if cfg.time_budget is not None:
+            progress = max(progress, elapsed / cfg.time_budget)
+        lr = _lr_at(min(1.0, progress), cfg)
         if cursor + batch > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + batch]
@@ -422,7 +432,6 @@ def train_clip(
         x = clip_input(data.images[idx], size)
         x = _augment(x, is_crop_all[idx], cfg, gen)
 
-        lr = _lr_at(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         image_features = F.normalize(model.encode_image(x), dim=-1)
@@ -446,18 +455,10 @@ def train_clip(
             if log:
                 log(f"step {step}/{total} loss {point['loss']:.4f} lr {lr:.2e} "
                     f"scale {point['logit_scale']:.1f} {elapsed:.0f}s")
-        if not budget_checked and step >= min(10, total):
-            budget_checked = True
-            fit = int(cfg.time_budget / (elapsed / step))
-            if fit < total:
-                total = max(step, fit)
-                if log:
-                    log(f"time budget {cfg.time_budget:.0f}s: {total} steps fit ({elapsed / step:.2f} s/step)")
-        if cfg.time_budget is not None and elapsed >= cfg.time_budget and step < total:
-            stopped_by_budget = True
-            if log:
-                log(f"time budget spent after {step} steps")
-            break
+    if window:
+        curve.append({"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
+                      "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
+                      "seconds": round(time.perf_counter() - start, 2)})
     seconds = time.perf_counter() - start
     model.eval()
     k = max(1, min(10, len(losses) // 5))
