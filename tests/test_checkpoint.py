@@ -142,3 +142,34 @@ def test_round_trip_keeps_the_tune_mode(tiny_clip, tmp_path, tune):
     pixels, allowed = _inputs(masq, q=3)
     with torch.no_grad():
         assert torch.equal(masq(pixels, allowed), parts.masq_visual(pixels, allowed))
+
+
+def test_half_storage_halves_the_file_and_reads_back_float32(tiny_clip, tmp_path):
+    model, spec = tiny_clip
+    masq = MasQVisual(model.visual, fq_init="copy")
+    _perturb(masq, 4)
+    vocab = load_vocabulary("person; car")
+    text = build_text_embeddings(vocab, TextEncoder(model, get_tokenizer(spec), spec.weights_id))
+    full = save_model_file(tmp_path / "full.safetensors", masq, spec, clip_model=model, vocabulary=vocab,
+                           text_embeddings=text)
+    half = save_model_file(tmp_path / "half.safetensors", masq, spec, clip_model=model, vocabulary=vocab,
+                           text_embeddings=text, storage_dtype=torch.float16)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    assert read_header(half)["storage_dtype"] == "float16" and "storage_dtype" not in read_header(full)
+    parts = load_model_file(half)
+    for key, value in masq.state_dict().items():
+        loaded = parts.masq_visual.state_dict()[key]
+        assert loaded.dtype == value.dtype  # read back in the model's own dtype
+        assert torch.equal(loaded, value.half().to(value.dtype)), key  # the nearest float16 value, nothing else
+    assert parts.text_embeddings.dtype == torch.float32
+    assert torch.equal(parts.text_embeddings, text.half().float())
+    # the text tower's identity (text-cache key) is that of the values stored, so the two files never share a cache
+    assert parts.text_encoder.model_id != load_model_file(full).text_encoder.model_id
+
+
+def test_test_size_is_stored_and_read(tiny_clip, tmp_path):
+    model, spec = tiny_clip
+    masq = MasQVisual(model.visual)
+    path = save_model_file(tmp_path / "s.safetensors", masq, spec, test_size={"short_side": 128, "max_size": 512})
+    assert load_model_file(path).test_size == {"short_side": 128, "max_size": 512}
+    assert load_model_file(save_model_file(tmp_path / "n.safetensors", masq, spec)).test_size is None

@@ -84,6 +84,11 @@ class MasQClipParts:
     def thresholds(self) -> dict[str, float]:
         return {**DEFAULT_THRESHOLDS, **self.config.get("thresholds", {})}
 
+    @property
+    def test_size(self) -> dict[str, int] | None:
+        """The input size the model was made for (``short_side``, ``max_size``), or None (the CLI's defaults)."""
+        return self.config.get("test_size")
+
 
 def _masq_extras(masq_visual: MasQVisual) -> dict[str, torch.Tensor]:
     return {k: v for k, v in masq_visual.state_dict().items() if not k.startswith("visual.")}
@@ -101,6 +106,8 @@ def save_model_file(
     thresholds: dict[str, float] | None = None,
     templates: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    test_size: dict[str, int] | None = None,
+    storage_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a model file atomically.
 
@@ -115,6 +122,10 @@ def save_model_file(
         thresholds: post-processing defaults (object/overlap thresholds, detections per image).
         templates: the prompt templates the stored text embeddings were made with.
         extra: further JSON-able fields stored under ``config["extra"]``.
+        test_size: ``{"short_side": S, "max_size": M}``, the resize `segment` applies by default (for a model made
+            for small images, like the demo model); None keeps the official test sizes.
+        storage_dtype: store floating-point tensors in this dtype (``torch.float16`` halves the file; they are
+            read back as float32); None stores them as they are.
 
     Returns:
         The written path.
@@ -138,7 +149,11 @@ def save_model_file(
         tensors["vocab.text_embeddings"] = text_embeddings
     elif text_embeddings is not None:
         raise ValueError("text_embeddings given without the vocabulary they belong to")
-    text_state = {k: v for k, v in clip_state.items() if not k.startswith("visual.")}
+    if storage_dtype is not None:
+        tensors = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    # the text tower's identity (text-embedding cache key) is that of the stored values
+    text_state = {k[len("clip."):]: v for k, v in tensors.items()
+                  if k.startswith("clip.") and not k.startswith("clip.visual.")}
     config: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "clip": {
@@ -161,6 +176,10 @@ def save_model_file(
         "templates": templates,
         "extra": extra or {},
     }
+    if storage_dtype is not None:
+        config["storage_dtype"] = str(storage_dtype).removeprefix("torch.")
+    if test_size is not None:
+        config["test_size"] = {"short_side": int(test_size["short_side"]), "max_size": int(test_size["max_size"])}
     # safetensors refuses shared storage and non-contiguous tensors: store independent contiguous copies.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +229,9 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Mas
     path = Path(path)
     config = read_header(path)
     tensors = load_file(str(path), device=str(device))
+    # half-precision storage (``storage_dtype``) is read back as float32: the model computes in float32 and
+    # load_model(precision=...) casts afterwards
+    tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
     clip_cfg = config["clip"]
     clip_model = build_open_clip(clip_cfg["model_cfg"]).to(device)
     clip_state = _strip(tensors, "clip.")

@@ -100,6 +100,8 @@ class MasQCLIP(nn.Module):
         self.logit_scale = logit_scale
         self.use_object_score = use_object_score
         self.vocabulary: Vocabulary | None = None
+        #: ``{"short_side": S, "max_size": M}``: the input size the model was made for (stored in its file), or None.
+        self.test_size: dict[str, int] | None = None
         self.register_buffer("text_embeddings", torch.zeros(0), persistent=False)
 
     # ------------------------------------------------------------------------------------------------ vocabulary
