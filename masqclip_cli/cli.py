@@ -290,7 +290,9 @@ def segment_command(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (resumable). Omit with --format jsonl "
                                     "to stream JSON lines to stdout."),
     model: str = typer.Option("masqclip-coco", "--model", "-m", help="Registered model (see `masqclip models`), "
-                              "our .safetensors file or an official .pth checkpoint."),
+                              "our .safetensors file or an official .pth checkpoint. `demo` ships with masqclip "
+                              "but knows only the synthetic shapes world; for real images convert an official "
+                              "checkpoint (`masqclip convert`) or use one you trained."),
     task: str = typer.Option("panoptic", help="Comma list of panoptic, semantic, instance (one model pass)."),
     fmt: str | None = typer.Option(None, "--format", "-f", help="Comma list of coco, panoptic, labels, overlay, "
                                    "jsonl. Default: one per task (instance→coco, panoptic→panoptic, semantic→labels)."),
@@ -298,8 +300,11 @@ def segment_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice)."),
-    short_side: int = typer.Option(640, help="Resize the short side to this before the model (0: keep)."),
-    max_size: int = typer.Option(2560, help="Cap on the long side after resizing."),
+    short_side: int | None = typer.Option(None, help="Resize the short side to this before the model (0: keep). "
+                                          "Default: the model's own test size when its file has one (demo: 128), "
+                                          "else 640."),
+    max_size: int | None = typer.Option(None, help="Cap on the long side after resizing (default: the model's, "
+                                        "else 2560)."),
     object_threshold: float = typer.Option(0.3, help="Panoptic: keep queries whose best p_cls exceeds this."),
     overlap_threshold: float = typer.Option(0.3, help="Panoptic: drop segments keeping less of their mask than this."),
     topk: int = typer.Option(100, help="Instance: detections per image (clamped to queries × classes)."),
@@ -364,6 +369,9 @@ def segment_command(
     except (ModelNotAvailableError, ModelFileError, WeightsNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     net.use_object_score = not no_object_score
+    own_size = net.test_size or {}
+    short_side = short_side if short_side is not None else int(own_size.get("short_side", 640))
+    max_size = max_size if max_size is not None else int(own_size.get("max_size", 2560))
     if vocabulary is None:
         if net.vocabulary is None:
             raise fail(f"model '{model}' stores no vocabulary: give one with --vocab")

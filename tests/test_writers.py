@@ -40,7 +40,7 @@ from masqclip_cli.vocab import VocabClass, Vocabulary
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools decode
 
-SAMPLE = Path("/work/shared/data/coco-panoptic-sample")
+SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-panoptic-sample"
 
 # --- fixtures -------------------------------------------------------------------------------------------------------
 

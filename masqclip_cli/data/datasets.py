@@ -624,10 +624,11 @@ DATASETS: dict[str, DatasetInfo] = {
             None,
             vocabulary="its vocab.txt",
             options=(*_PAN_OPTS, "split"),
-            short_side=256,
-            max_size=1024,
+            short_side=0,
+            max_size=4096,
             summary="The synthetic shapes world written by `masqclip synth` (root = its folder, split= default val; "
-            "base / novel classes from meta.json).",
+            "base / novel classes from meta.json). Evaluated at its native size (the scale it was drawn and trained "
+            "at): no resize unless --short-side is given.",
             how_to_prepare="Run `masqclip synth --out DIR` (nothing to download) and pass DIR as root.",
         ),
         _info(
@@ -1287,7 +1288,7 @@ def datasets_markdown() -> str:
     for name, info in DATASETS.items():
         lines.append(
             f"| `{name}` | {info.task} | {info.layout} | {info.ignore} | {info.vocabulary} | "
-            f"{info.short_side} / {info.max_size} |"
+            f"{f'{info.short_side} / {info.max_size}' if info.short_side > 0 else 'native size'} |"
         )
     lines.append("")
     for name, info in DATASETS.items():

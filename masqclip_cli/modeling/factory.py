@@ -46,6 +46,8 @@ __all__ = [
 
 logger = logging.getLogger("masqclip")
 
+#: Model files shipped inside the package (the demo model).
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 OFFICIAL_WEIGHTS_URL = "https://drive.google.com/drive/folders/1wGpl9k7lEYigvSiI2IMx_V_TBGrzfVNl"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,6 +87,7 @@ class RegisteredModel:
     filename: str | None = None
     source: str = ""
     thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    bundled: bool = False
 
     @property
     def random(self) -> bool:
@@ -116,6 +119,17 @@ MODEL_REGISTRY: dict[str, RegisteredModel] = {
         filename="masqclip-coco-instance.safetensors",
         source=_OFFICIAL_SOURCE.replace("{setting}", "base-novel (COCO instance 48/17)"),
     ),
+    "demo": RegisteredModel(
+        name="demo",
+        description="the project's demo model, trained on the synthetic shapes world only (scripts/build_demo_model.py)"
+        ": knows shapes, colours and textures, not real images",
+        proposals="demo",
+        clip_model="shapes-clip",
+        filename="demo.safetensors",
+        source="the demo model ships inside the package (masqclip_cli/models/demo.safetensors); rebuild it with "
+        "python scripts/build_demo_model.py (writes {path})",
+        bundled=True,
+    ),
     "full-random": RegisteredModel(
         name="full-random",
         description="the published geometry (m2f-r50 + ViT-L-14-336-quickgelu) with random weights: for benchmarks",
@@ -144,7 +158,7 @@ def model_status(entry: RegisteredModel) -> tuple[bool, Path | None]:
     """(available, expected path) of a registered model; random-weight models are always available."""
     if entry.random:
         return True, None
-    path = models_dir() / entry.filename
+    path = (BUNDLED_MODELS_DIR if entry.bundled else models_dir()) / entry.filename
     return path.is_file(), path
 
 
@@ -187,8 +201,10 @@ def build_model(
     return model.eval()
 
 
-def save_model(model: MasQCLIP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write a model (with its text tower and, when set, its vocabulary) as our model file."""
+def save_model(model: MasQCLIP, path: str | Path, extra: dict[str, Any] | None = None,
+               storage_dtype: torch.dtype | None = None) -> Path:
+    """Write a model (with its text tower and, when set, its vocabulary) as our model file (``storage_dtype``:
+    e.g. ``torch.float16`` to store the weights in half precision, read back as float32)."""
     vocabulary = model.vocabulary
     return save_model_file(
         path,
@@ -201,6 +217,8 @@ def save_model(model: MasQCLIP, path: str | Path, extra: dict[str, Any] | None =
         text_embeddings=model.text_embeddings.cpu() if vocabulary is not None else None,
         thresholds=model.thresholds,
         extra=extra,
+        test_size=model.test_size,
+        storage_dtype=storage_dtype,
     )
 
 
@@ -214,6 +232,7 @@ def _model_from_file(path: Path, device: str | torch.device) -> MasQCLIP:
         raise ModelFileError(f"{path}: proposal tensors do not match its config: {(missing + unexpected)[:5]}")
     model = MasQCLIP(network, parts.masq_visual, parts.text_encoder, proposals_config=parts.proposals_config,
                      clip_spec=parts.clip_spec, thresholds=parts.thresholds)
+    model.test_size = parts.test_size
     if parts.vocabulary is not None and parts.text_embeddings is not None:
         model.set_text_embeddings(parts.text_embeddings, parts.vocabulary)
     return model

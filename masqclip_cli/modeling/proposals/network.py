@@ -116,6 +116,42 @@ PROPOSAL_CONFIGS: dict[str, dict[str, Any]] = {
         "pixel_std": list(IMAGENET_PIXEL_STD),
         "size_divisibility": 32,
     },
+    # The demo model's geometry (scripts/build_demo_model.py): a slim R50, 3 encoder layers, 6 decoder layers,
+    # 24 queries; trains on a 2-core CPU in tens of minutes at 128².
+    "demo": {
+        "backbone": {
+            "depth": 50,
+            "stem_out_channels": 24,
+            "res2_out_channels": 48,
+            "num_groups": 1,
+            "width_per_group": 12,
+            "stride_in_1x1": False,
+            "res5_dilation": 1,
+            "norm": "FrozenBN",
+        },
+        "pixel_decoder": {
+            "conv_dim": 96,
+            "mask_dim": 64,
+            "norm": "GN",
+            "encoder_layers": 3,
+            "heads": 4,
+            "points": 4,
+            "encoder_ffn": 256,
+            "common_stride": 4,
+            "deformable_levels": ["res3", "res4", "res5"],
+        },
+        "transformer_decoder": {
+            "hidden_dim": 96,
+            "heads": 4,
+            "ffn": 256,
+            "dec_layers": 7,
+            "num_queries": 24,
+            "pre_norm": False,
+        },
+        "pixel_mean": list(IMAGENET_PIXEL_MEAN),
+        "pixel_std": list(IMAGENET_PIXEL_STD),
+        "size_divisibility": 32,
+    },
 }
 
 _PREFIX_MAP: tuple[tuple[str, str], ...] = (
