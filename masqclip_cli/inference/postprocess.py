@@ -288,16 +288,19 @@ def _semantic_chunks(
         raise ValueError(f"image_size {image_size} exceeds padded_size {padded_size}")
     p = p_cls.detach().to(device=mask_logits.device, dtype=torch.float32)
     logits = mask_logits.detach()
-    work = (hp, wp) if order == "padded" else (ho, wo)
-    work_px = work[0] * work[1]
+    # Both orders are formed at the output size. For "padded", crop + bilinear resize are linear, so resizing the
+    # Q mask planes σ(m_q) (cropped) and then summing Σ_q p[q, c]·R(σ(m_q)) equals resizing the N class score maps
+    # R(Σ_q p[q, c]·σ(m_q)) up to float rounding (~1e-7): Q planes are resized instead of N, and the sum runs over
+    # the output's pixels instead of the padded input's.
+    work = (ho, wo)
+    work_px = ho * wo
 
-    def sig(idx: Tensor) -> Tensor:  # (len, *work) sigmoid of the masks at the working size
+    def sig(idx: Tensor) -> Tensor:  # (len, ho, wo) sigmoid of the masks at the output size
         sub = logits.index_select(0, idx).float()
         if order == "padded":
-            m = _resize_planes(sub, (hp, wp))
-        else:
-            m = postprocess_masks(sub, padded_size, image_size, output_size, chunk=1)
-        return _sigmoid_(m)
+            m = _sigmoid_(_resize_planes(sub, (hp, wp)))[:, :h, :w]
+            return m.contiguous() if (ho, wo) == (h, w) else _resize_planes(m, (ho, wo))
+        return _sigmoid_(postprocess_masks(sub, padded_size, image_size, output_size, chunk=1))
 
     qstep = _chunk(chunk_size, work_px, max_bytes, q)
     qchunks = [torch.arange(s, min(s + qstep, q), device=logits.device) for s in range(0, q, qstep)]
@@ -306,22 +309,16 @@ def _semantic_chunks(
         cache = torch.empty((q, work_px), dtype=torch.float32, device=logits.device)
         for idx in qchunks:
             cache[idx[0] : idx[-1] + 1] = sig(idx).reshape(len(idx), work_px)
-    cstep = _chunk(None, max(work_px, ho * wo), max_bytes, n)
+    cstep = _chunk(None, work_px, max_bytes, n)
     for c0 in range(0, n, cstep):
         c1 = min(c0 + cstep, n)
-        scores = torch.zeros((c1 - c0, work_px), dtype=torch.float32, device=logits.device)
         if cache is not None:
-            scores.addmm_(p[:, c0:c1].T, cache)
+            scores = torch.mm(p[:, c0:c1].T, cache)
         else:
+            scores = torch.zeros((c1 - c0, work_px), dtype=torch.float32, device=logits.device)
             for idx in qchunks:
                 scores.addmm_(p[idx, c0:c1].T, sig(idx).reshape(len(idx), work_px))
-        scores = scores.view(c1 - c0, *work)
-        if order == "padded":  # official sem_seg_postprocess of the score map: crop, then bilinear resize
-            scores = scores[:, :h, :w]
-            if (ho, wo) != (h, w):
-                scores = _resize_planes(scores, (ho, wo))
-            scores = scores.contiguous()
-        yield c0, scores
+        yield c0, scores.view(c1 - c0, *work)
 
 
 @torch.no_grad()
