@@ -20,7 +20,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-SAMPLE_IMAGES = REPO / "samples" / "images"
+SAMPLE_IMAGES = REPO / "samples" / "photos"  # the two COCO photos: real-photo sizes
 LOADAVG_AT_START = os.getloadavg()[0]  # when the script started (this module is imported first thing)
 
 # Runs a command as its only child and prints, as one JSON line, its exit code, wall time and peak RSS (KiB on

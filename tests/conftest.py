@@ -35,3 +35,22 @@ def tiny_clip():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's cache from tests."""
     monkeypatch.setenv("MASQCLIP_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def demo_ci_build(tmp_path_factory) -> tuple:
+    """(work folder, report) of the demo recipe's shortened ``ci`` preset (scripts/build_demo_model.py, about two
+    minutes on 2 cores), built once per test session: the demo-model and ablation tests share it."""
+    import importlib.util
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_model.py"
+    spec = importlib.util.spec_from_file_location("build_demo_model", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    work = tmp_path_factory.mktemp("demo-ci")
+    report = module.build(module.Preset(**asdict(module.PRESETS["ci"])), work, install=False)
+    return work, report
