@@ -305,8 +305,10 @@ def write_docs(result: dict[str, Any], path: Path, machine_note: str) -> None:
               "```bash"]
     lines += [f"{cmd}   # {name}" for name, cmd in result["commands"].items()]
     lines += ["```", ""]
+    marker = "<!-- hand-written below: kept when this file is written again -->"
+    kept = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text("\n".join(lines) + "\n" + marker + kept)
     os.replace(tmp, path)
 
 
@@ -326,7 +328,8 @@ def main() -> None:
         import torch
 
         note = (f"Measured on {platform.machine()} with {torch.get_num_threads()} threads, torch {torch.__version__}; "
-                f"this run took {result['seconds']['this_run'] / 60:.1f} min of wall time.")
+                f"the rows' commands took {result['seconds']['all_steps'] / 60:.1f} min of wall time in all (each "
+                "step's seconds are in ablations.json).")
         write_docs(result, REPO / "docs" / "ablations.md", note)
     print(json.dumps({"trends": result["trends"], "seconds": result["seconds"]["this_run"]}, indent=1))
 
