@@ -89,9 +89,8 @@ def _flops(stage: str, geometry: dict, final: Path) -> float | None:
             out = network(x)
             loss = out.pred_masks.float().mean() + sum(a["pred_masks"].float().mean() for a in out.aux)
             loss.backward()
-            if stage == "distill":  # the frozen teacher's forward on the same batch
-                with torch.no_grad():
-                    network(x)
+            if stage == "distill":  # the frozen teacher's forward on the same batch (counted with autograd on:
+                network(x)          # FlopCounterMode's module hooks fail under no_grad; the FLOPs are the same)
     else:
         masq = model.masq
         for p in masq.trainable_parameters():
