@@ -15,7 +15,7 @@ Steps (each with `masqclip`'s own library calls, exactly as on COCO):
 6. evaluate on the held-out split (PQ / mIoU / mask AP, all / base / novel), proposal recall of the teacher and of an
    untrained network, mask-label accuracy of the tuned and the untuned (f_Q' = f_Q copy) model;
 7. write the report (`<work>/report.json`, `docs/demo-model.md`) and install the model as
-   `masqclip_cli/models/demo.safetensors` with the full shapes vocabulary, and sample scenes into `samples/images`.
+   `samples/demo.safetensors` with the full shapes vocabulary, and sample scenes into `samples/images`.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
     report["model"] = {"path": str(model_path), "bytes": model_path.stat().st_size}
     (work / "report.json").write_text(json.dumps(report, indent=1, default=str))
     if install:
-        target = REPO / "masqclip_cli" / "models" / "demo.safetensors"
+        target = REPO / "samples" / "demo.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         shutil.copyfile(model_path, tmp)
@@ -281,7 +281,7 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
     lines = [
         "# The demo model",
         "",
-        f"`--model demo` (`masqclip_cli/models/demo.safetensors`, {report['model']['bytes'] / 2**20:.1f} MiB) is "
+        f"`--model demo` (`samples/demo.safetensors`, {report['model']['bytes'] / 2**20:.1f} MiB) is "
         "the whole MasQCLIP recipe trained by `python scripts/build_demo_model.py` on the synthetic shapes world "
         f"(`masqclip synth`), from fixed seeds, on the project's 2-core CPU in {sec['total'] / 60:.0f} minutes. It "
         "knows only that world: 12 shapes (things) over 8 textured backgrounds (stuff); real photos give nonsense. "

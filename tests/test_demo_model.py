@@ -5,7 +5,7 @@
    and the learning is real: the teacher's proposal recall at IoU 0.5 on its training scenes is at least 30 points
    above an untrained network's, and MasQ-tuning raises the mask-label accuracy on held-out scenes by at least 10
    points over the untuned model (f_Q' = a copy of CLIP's f_Q, on the same proposals).
-2. The shipped ``demo`` model (``masqclip_cli/models/demo.safetensors``) loads by name, segments ``samples/images``
+2. The shipped ``demo`` model (``samples/demo.safetensors``) loads by name, segments ``samples/images``
    into valid COCO panoptic and instance files, and scores above a floor on a small synthetic split drawn with its own
    seed (the floors are a few points under the values measured when the model was built, so a regression fails).
 """

@@ -46,8 +46,8 @@ __all__ = [
 
 logger = logging.getLogger("masqclip")
 
-#: Model files shipped inside the package (the demo model).
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: Model files shipped with a clone of the repository (the demo model, in samples/; not part of a wheel).
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[2] / "samples"
 OFFICIAL_WEIGHTS_URL = "https://drive.google.com/drive/folders/1wGpl9k7lEYigvSiI2IMx_V_TBGrzfVNl"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -126,7 +126,7 @@ MODEL_REGISTRY: dict[str, RegisteredModel] = {
         proposals="demo",
         clip_model="shapes-clip",
         filename="demo.safetensors",
-        source="the demo model ships inside the package (masqclip_cli/models/demo.safetensors); rebuild it with "
+        source="the demo model ships with a clone of the repository (samples/demo.safetensors); rebuild it with "
         "python scripts/build_demo_model.py (writes {path})",
         bundled=True,
     ),
