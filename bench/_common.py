@@ -21,6 +21,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLE_IMAGES = REPO / "samples" / "photos"  # the two COCO photos: real-photo sizes
+MODEL_STAGES = ("preprocess", "backbone", "pixel_decoder", "transformer_decoder", "clip", "classifier")
 LOADAVG_AT_START = os.getloadavg()[0]  # when the script started (this module is imported first thing)
 
 # Runs a command as its only child and prints, as one JSON line, its exit code, wall time and peak RSS (KiB on
@@ -141,3 +142,32 @@ def copy_images(source: Path, directory: Path, count: int) -> list[Path]:
         path.write_bytes(src.read_bytes())
         paths.append(path)
     return paths
+
+
+def install_stage_timers(model) -> dict[str, float]:  # noqa: ANN001 - a MasQCLIP (torch-free import here)
+    """Wrap the model's stage entry points so that each call adds its wall time to ``acc[stage]``."""
+    import masqclip_cli.modeling.masqclip as masqclip_module
+
+    acc = dict.fromkeys(MODEL_STAGES, 0.0)
+
+    def wrap(owner, attr: str, stage: str) -> None:  # noqa: ANN001
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):  # noqa: ANN002, ANN003
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                acc[stage] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)  # an instance attribute shadows the method (nn.Module calls self.forward)
+
+    wrap(model.proposals, "normalize_and_pad", "preprocess")
+    wrap(model.masq, "preprocess", "preprocess")
+    wrap(model.proposals.backbone, "forward", "backbone")
+    wrap(model.proposals.pixel_decoder, "forward", "pixel_decoder")
+    wrap(model.proposals.predictor, "forward", "transformer_decoder")
+    wrap(model.masq, "attention_masks", "clip")
+    wrap(model.masq, "forward", "clip")
+    wrap(masqclip_module, "classify", "classifier")  # looked up as a module global by MasQCLIP._forward_bucket
+    return acc

@@ -35,40 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, SAMPLE_IMAGES, child_env, machine_info, write_json
+from _common import RESULTS, SAMPLE_IMAGES, child_env, install_stage_timers, machine_info, write_json
 
 FORMAT_FOR_TASK = {"instance": "coco", "panoptic": "panoptic", "semantic": "labels"}  # the CLI's defaults
-MODEL_STAGES = ("preprocess", "backbone", "pixel_decoder", "transformer_decoder", "clip", "classifier")
 SHARE_TARGET = 0.85
-
-
-def _install_timers(model) -> dict[str, float]:  # noqa: ANN001 - MasQCLIP
-    """Wrap the model's stage entry points so that each call adds its wall time to ``acc[stage]``."""
-    import masqclip_cli.modeling.masqclip as masqclip_module
-
-    acc = dict.fromkeys(MODEL_STAGES, 0.0)
-
-    def wrap(owner, attr: str, stage: str) -> None:  # noqa: ANN001
-        original = getattr(owner, attr)
-
-        def timed(*args, **kwargs):  # noqa: ANN002, ANN003
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                acc[stage] += time.perf_counter() - start
-
-        setattr(owner, attr, timed)  # an instance attribute shadows the method (nn.Module calls self.forward)
-
-    wrap(model.proposals, "normalize_and_pad", "preprocess")
-    wrap(model.masq, "preprocess", "preprocess")
-    wrap(model.proposals.backbone, "forward", "backbone")
-    wrap(model.proposals.pixel_decoder, "forward", "pixel_decoder")
-    wrap(model.proposals.predictor, "forward", "transformer_decoder")
-    wrap(model.masq, "attention_masks", "clip")
-    wrap(model.masq, "forward", "clip")
-    wrap(masqclip_module, "classify", "classifier")  # looked up as a module global by MasQCLIP._forward_bucket
-    return acc
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -101,7 +71,7 @@ def worker(args: argparse.Namespace) -> dict:
     tasks = tuple(args.tasks.split(","))
     options = RunOptions(formats=tuple(FORMAT_FOR_TASK[t] for t in tasks), postprocess=PostprocessConfig(tasks=tasks),
                          short_side=args.short_side, batch_size=args.batch_size)
-    acc = _install_timers(model)
+    acc = install_stage_timers(model)
     work = Path(args.work_dir)
     runs = []
     for rep in range(args.warmup + args.repeats):

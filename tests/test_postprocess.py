@@ -419,20 +419,67 @@ def test_postprocess_chunking_invariance(seed):
 
 def test_postprocess_never_upsamples_more_than_a_chunk(monkeypatch):
     """Full-size masks are made at most ``chunk`` queries at a time, ``chunk`` also capped by ``max_chunk_bytes``
-    (the small analogue of a 9000x9000 output with Q = 100)."""
+    (the small analogue of a 9000x9000 output with Q = 100), and no plane is kept when they do not all fit."""
     logits, p = random_inputs(seed=9)
     sizes: list[int] = []
-    real = pp.postprocess_masks
+    real_output, real_padded = pp._MaskPlanes.output, pp._MaskPlanes.padded
 
-    def spy(mask_logits, *args, **kwargs):
-        sizes.append(int(mask_logits.shape[0]))
-        return real(mask_logits, *args, **kwargs)
+    def spy_output(self, idx):
+        sizes.append(int(idx.numel()))
+        return real_output(self, idx)
 
-    monkeypatch.setattr(pp, "postprocess_masks", spy)
+    def spy_padded(self, idx):
+        sizes.append(int(idx.numel()))
+        return real_padded(self, idx)
+
+    monkeypatch.setattr(pp._MaskPlanes, "output", spy_output)
+    monkeypatch.setattr(pp._MaskPlanes, "padded", spy_padded)
     common = dict(object_mask_threshold=0.0, detections_per_image=78, semantic_order="resized")
     _run(logits, p, chunk_size=5, **common)
     assert sizes and max(sizes) <= 5
     sizes.clear()
     one_map = 45 * 50 * 4
+    kept: list[bool] = []
+    real_init = pp._MaskPlanes.__init__
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        kept.append(self._padded is not None or self._out is not None)
+
+    monkeypatch.setattr(pp._MaskPlanes, "__init__", spy_init)
     _run(logits, p, chunk_size=16, max_chunk_bytes=2 * one_map, **common)
     assert sizes and max(sizes) <= 2
+    assert kept == [False]
+
+
+@pytest.mark.parametrize("output_size", [(29, 37), (45, 50), (20, 24)])
+def test_postprocess_upsamples_each_plane_once_and_equals_per_task(monkeypatch, output_size):
+    """With all three tasks, every mask plane is upsampled to the padded size once (shared by the tasks) and the
+    results equal each task's own function on the official post-processed masks, bit for bit."""
+    logits, p = random_inputs(seed=11)
+    q = logits.shape[0]
+    geom = dict(image_size=(29, 37), padded_size=(32, 40), output_size=output_size)
+    calls: list[tuple[int, ...]] = []
+    real = F.interpolate
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(kwargs.get("size") or args[0]))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(pp, "F", SimpleNamespace(interpolate=counting))
+    config = PostprocessConfig(tasks=("semantic", "panoptic", "instance"), object_mask_threshold=0.05,
+                               detections_per_image=40)
+    res = postprocess(logits, p, ISTHING_6, config=config, **geom)
+    monkeypatch.undo()
+    assert calls.count((32, 40)) == q  # one upsampling per plane, not one per task
+    full = postprocess_masks(logits, geom["padded_size"], geom["image_size"], output_size, chunk=1)
+    pan, segs = panoptic_inference(full, p, ISTHING_6, 0.05, 0.3)
+    np.testing.assert_array_equal(res.panoptic, pan)
+    assert [seg_tuple(s) + (s.score,) for s in res.segments] == [seg_tuple(s) + (s.score,) for s in segs]
+    inst = instance_inference(full, p, ISTHING_6, k=40)
+    assert [(i.query, i.category, i.score, i.area, i.bbox) for i in res.instances] == [
+        (i.query, i.category, i.score, i.area, i.bbox) for i in inst
+    ]
+    for a, b in zip(res.instances, inst):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(res.semantic, semantic_inference(logits, p, order="padded", **geom))

@@ -739,3 +739,74 @@ def test_overlay_falls_back_to_semantic_when_panoptic_is_empty(tmp_path):
     # both halves are tinted, in two different class colours
     assert (drawn[10, 2] != 128).any() and (drawn[10, 27] != 128).any()
     assert (drawn[10, 2] != drawn[10, 27]).any()
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+def test_json_stream_equals_json_of_the_materialised_object(tmp_path):
+    """Iterators anywhere in dicts (or directly in lists) are written as arrays; the bytes equal atomic_write_json."""
+
+    def gen(n):
+        for i in range(n):
+            yield {"id": i, "name": f"é{i}", "bbox": [i, i + 1], "score": i / 3, "nested": iter([i, None, True])}
+
+    def materialise(obj):
+        if isinstance(obj, dict):
+            return {k: materialise(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)) or hasattr(obj, "__next__"):
+            return [materialise(v) for v in obj]
+        return obj
+
+    for n in (0, 1, 5):
+        obj = {"images": [{"id": 1}], "annotations": gen(n), "empty": iter(()), "mixed": [1, iter([2, 3]), "x"]}
+        expected = tmp_path / f"expected{n}.json"
+        wbase.atomic_write_json(expected, materialise(
+            {"images": [{"id": 1}], "annotations": gen(n), "empty": iter(()), "mixed": [1, iter([2, 3]), "x"]}
+        ))
+        streamed = wbase.atomic_write_json_stream(tmp_path / f"streamed{n}.json", obj)
+        assert streamed.read_bytes() == expected.read_bytes()
+        json.loads(streamed.read_text())
+    with pytest.raises(ValueError):
+        wbase.atomic_write_json_stream(tmp_path / "nan.json", {"a": iter([float("nan")])})
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "nan.json").exists()
+
+
+def test_stream_write_keeps_an_identical_file_and_replaces_a_different_one(tmp_path):
+    path = tmp_path / "a.txt"
+    wbase.atomic_write_lines(path, iter(["x\n", "y\n"]))
+    before = path.stat().st_mtime_ns
+    os.utime(path, ns=(before - 10**9, before - 10**9))
+    wbase.atomic_write_lines(path, iter(["x\n", "y\n"]))  # same bytes: the file is left as it was
+    assert path.stat().st_mtime_ns == before - 10**9
+    wbase.atomic_write_lines(path, iter(["x\n", "z" * (3 << 20), "\n"]))  # larger than the write buffer
+    assert path.read_text() == "x\n" + "z" * (3 << 20) + "\n"
+
+
+class _CountingRecords:
+    """A sorted-by-id record view (as the engine hands writers) that counts how many records were read."""
+
+    sorted_by_id = True
+
+    def __init__(self, items):
+        self.items, self.reads = items, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        for item in self.items:
+            self.reads += 1
+            yield item
+
+
+def test_ranked_records_streams_a_sorted_view_and_checks_order():
+    items = [(wbase.ItemInfo(id=f"im{i}", file_name=f"im{i}.png", width=4, height=3), {"n": i}) for i in range(5)]
+    view = _CountingRecords(items)
+    ranked = wbase.ranked_records(view)
+    assert next(ranked)[:2] == (1, items[0][0]) and view.reads == 1  # lazy: one record read so far
+    assert [r for r, _, _ in ranked] == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="duplicate"):
+        list(wbase.ranked_records(_CountingRecords([items[0], items[0]])))
+    with pytest.raises(ValueError, match="order"):
+        list(wbase.ranked_records(_CountingRecords([items[1], items[0]])))
+    # anything else is sorted first, as before
+    assert [it.id for _, it, _ in wbase.ranked_records(list(reversed(items)))] == [f"im{i}" for i in range(5)]

@@ -25,7 +25,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,29 @@ def _item_info(record: dict) -> ItemInfo:
     return ItemInfo(id=record["id"], file_name=record["file_name"], width=record["width"], height=record["height"])
 
 
+class _StoredRecords(Sequence):
+    """One writer's ``(ItemInfo, record)`` of every item, in item-id order, read from the records on disk when
+    iterated: run-level files are assembled with one item's record in memory at a time, so memory stays flat however
+    many items a run has. ``sorted_by_id`` tells :func:`ranked_records` not to sort (and so not to load) them."""
+
+    sorted_by_id = True
+
+    def __init__(self, out_dir: Path, infos: Sequence[ItemInfo], writer_name: str) -> None:
+        self.out_dir, self.infos, self.writer_name = out_dir, sorted(infos, key=lambda i: i.id), writer_name
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - int or slice, as Sequence
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        info = self.infos[index]
+        record = _read_record(self.out_dir, info.id)
+        if record is None:
+            raise RuntimeError(f"{_record_path(self.out_dir, info.id)}: item record missing or unreadable")
+        return info, record["writers"].get(self.writer_name)
+
+
 def _check_fingerprint(out_dir: Path, fingerprint: dict, overwrite: bool) -> None:
     run_file = out_dir / STATE_DIR / "run.json"
     text = json.dumps(fingerprint, indent=1) + "\n"
@@ -273,12 +296,12 @@ def segment(
             summary.skipped.append((entry.id, entry.reason))
         else:
             listed.append(entry)
-    records: dict[str, dict] = {}
+    infos: dict[str, ItemInfo] = {}  # items with a record on disk (records themselves are not kept in memory)
     todo: list[SourceItem] = []
     for item in listed:
         record = _read_record(out_dir, item.id) if out_dir is not None else None
         if record is not None and all(p.is_file() for w in writers for p in w.item_files(_item_info(record))):
-            records[item.id] = record
+            infos[item.id] = _item_info(record)
             summary.reused += 1
         else:
             todo.append(item)
@@ -319,8 +342,8 @@ def segment(
             if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set()):
                 for item_id, record in _run_batch(model, batch, writers, tasks, isthing, options, out_dir, summary):
                     finished += 1
-                    if record is not None:
-                        records[item_id] = record
+                    if record is not None and out_dir is not None:
+                        infos[item_id] = _item_info(record)
                     if on_item:
                         on_item(item_id, finished, total)
                 batch = []
@@ -339,9 +362,8 @@ def segment(
 
     if out_dir is not None:
         t0 = time.perf_counter()
-        ordered = [(_item_info(records[i]), records[i]) for i in sorted(records)]
         for writer in writers:
-            summary.written += writer.finalize([(info, rec["writers"].get(writer.name)) for info, rec in ordered])
+            summary.written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))
         summary.seconds["write"] += time.perf_counter() - t0
     else:
         for writer in writers:
@@ -410,7 +432,7 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
     out_dir.mkdir(parents=True, exist_ok=True)
     merged_fp = dict(fingerprints[0], shard=[0, 1])
     atomic_write_text(out_dir / STATE_DIR / "run.json", json.dumps(merged_fp, indent=1) + "\n")
-    records: dict[str, dict] = {}
+    infos: dict[str, ItemInfo] = {}
     for d in shard_dirs:
         for record_file in sorted((d / STATE_DIR / "items").rglob("*.json")):
             record = json.loads(record_file.read_text())
@@ -424,9 +446,8 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
             target = _record_path(out_dir, info.id)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(record_file, target)
-            records[info.id] = record
+            infos[info.id] = info
     written = []
-    ordered = [(_item_info(records[i]), records[i]) for i in sorted(records)]
     for writer in writers:
-        written += writer.finalize([(info, rec["writers"].get(writer.name)) for info, rec in ordered])
+        written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))
     return written

@@ -177,20 +177,84 @@ def _tensor_source(masks: Tensor) -> MaskSource:
     return get
 
 
-def _postprocessed_source(
-    mask_logits: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int], output_size: tuple[int, int]
-) -> MaskSource:
-    """Source of the official post-processed mask logits (``postprocess_masks``), one query interpolated at a time.
+class _MaskPlanes:
+    """One image's Q mask-logit planes upsampled once and shared by the tasks (semantic, panoptic, instance).
 
-    One query per call keeps the transient at one full-size map, and makes each query's values independent of the
-    chunking: CPU bilinear interpolation of a 1-channel and of a C-channel tensor round differently (~1e-7).
+    ``padded(idx)`` = bilinear upsampling of each plane to the padded size; ``output(idx)`` = the official
+    ``sem_seg_postprocess`` (:func:`postprocess_masks`: padded size, crop, output size). Both compute every plane
+    exactly as ``postprocess_masks(chunk=1)`` and :func:`_resize_planes` do (one plane per interpolation call), so the
+    values are bit-identical to computing them per task; a plane is kept after its first use when all Q planes of
+    that size fit in ``max_bytes // 2`` and at least two consumers (``padded_consumers`` / ``output_consumers``: the
+    tasks that read that size) will read it; otherwise planes are recomputed per call, one chunk at a time. Both
+    return fresh tensors the caller may modify in place.
     """
 
-    def get(idx: Tensor) -> Tensor:
-        sub = mask_logits.index_select(0, idx.to(mask_logits.device)).float()
-        return postprocess_masks(sub, padded_size, image_size, output_size, chunk=1)
+    def __init__(
+        self,
+        mask_logits: Tensor,
+        padded_size: tuple[int, int],
+        image_size: tuple[int, int],
+        output_size: tuple[int, int],
+        max_bytes: int,
+        padded_consumers: int = 2,
+        output_consumers: int = 2,
+    ) -> None:
+        self.logits = mask_logits
+        self.padded_size, self.image_size, self.output_size = padded_size, image_size, output_size
+        q = int(mask_logits.shape[0])
+        dev = mask_logits.device
+        hp, wp = padded_size
+        ho, wo = output_size
+        self._identity = tuple(output_size) == tuple(image_size)  # the last resize is a copy (bit-exact)
+        # keep a size only when two consumers read it (else caching costs a copy and saves nothing) and it fits
+        padded_users, out_users = int(padded_consumers), int(output_consumers)
+        if self._identity:  # output planes are crops of the padded ones
+            padded_users, out_users = padded_users + out_users, 0
+        keep_padded = padded_users >= 2 and q * hp * wp * 4 <= max_bytes // 2
+        keep_out = out_users >= 2 and q * ho * wo * 4 <= max_bytes // 2
+        self._padded = torch.empty((q, hp, wp), dtype=torch.float32, device=dev) if keep_padded else None
+        self._out = torch.empty((q, ho, wo), dtype=torch.float32, device=dev) if keep_out else None
+        self._have_padded = [False] * q
+        self._have_out = [False] * q
 
-    return get
+    def _padded_plane(self, i: int) -> Tensor:
+        if self._padded is not None and self._have_padded[i]:
+            return self._padded[i]
+        plane = self.logits[i][None, None].float()
+        plane = F.interpolate(plane, size=self.padded_size, mode="bilinear", align_corners=False)[0, 0]
+        if self._padded is not None:
+            self._padded[i] = plane
+            self._have_padded[i] = True
+            return self._padded[i]
+        return plane
+
+    def _output_plane(self, i: int) -> Tensor:
+        if self._out is not None and self._have_out[i]:
+            return self._out[i]
+        h, w = self.image_size
+        crop = self._padded_plane(i)[:h, :w]
+        if self._identity:
+            return crop
+        plane = F.interpolate(crop[None, None], size=self.output_size, mode="bilinear", align_corners=False)[0, 0]
+        if self._out is not None:
+            self._out[i] = plane
+            self._have_out[i] = True
+        return plane
+
+    def padded(self, idx: Tensor) -> Tensor:
+        """``(K, Hp, Wp)`` float32 logits of the queries ``idx`` at the padded size (a fresh tensor)."""
+        return torch.stack([self._padded_plane(i) for i in idx.tolist()]) if idx.numel() else self._empty(
+            self.padded_size
+        )
+
+    def output(self, idx: Tensor) -> Tensor:
+        """``(K, H_out, W_out)`` float32 post-processed logits of the queries ``idx`` (a fresh tensor)."""
+        return torch.stack([self._output_plane(i) for i in idx.tolist()]) if idx.numel() else self._empty(
+            self.output_size
+        )
+
+    def _empty(self, size: tuple[int, int]) -> Tensor:
+        return torch.empty((0, *size), dtype=torch.float32, device=self.logits.device)
 
 
 def _sigmoid_(m: Tensor) -> Tensor:
@@ -276,8 +340,11 @@ def _semantic_chunks(
     order: str,
     chunk_size: int,
     max_bytes: int,
+    planes: _MaskPlanes | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(c0, S[c0:c0+C])``, semantic scores ``(C, H_out, W_out)`` float32, class chunk by class chunk."""
+    """Yield ``(c0, S[c0:c0+C])``, semantic scores ``(C, H_out, W_out)`` float32, class chunk by class chunk.
+
+    ``planes``, if given, supplies the upsampled mask logits (shared with the other tasks; same values)."""
     if order not in SEMANTIC_ORDERS:
         raise ValueError(f"order must be one of {list(SEMANTIC_ORDERS)}, got {order!r}")
     q, n = p_cls.shape
@@ -296,6 +363,11 @@ def _semantic_chunks(
     work_px = ho * wo
 
     def sig(idx: Tensor) -> Tensor:  # (len, ho, wo) sigmoid of the masks at the output size
+        if planes is not None:
+            if order == "padded":
+                m = _sigmoid_(planes.padded(idx))[:, :h, :w]
+                return m.contiguous() if (ho, wo) == (h, w) else _resize_planes(m, (ho, wo))
+            return _sigmoid_(planes.output(idx))
         sub = logits.index_select(0, idx).float()
         if order == "padded":
             m = _sigmoid_(_resize_planes(sub, (hp, wp)))[:, :h, :w]
@@ -631,12 +703,25 @@ def postprocess(
     result = Segmentation(image_size=out_size)
     chunk = _chunk(config.chunk_size, out_size[0] * out_size[1], config.max_chunk_bytes, int(logits.shape[0]))
 
+    # The upsampled mask planes are made once for all tasks (kept when they fit in max_chunk_bytes); values equal
+    # the per-task computation bit for bit.
+    tasks = set(config.tasks)
+    semantic_padded = "semantic" in tasks and config.semantic_order == "padded"
+    output_users = len(tasks & {"panoptic", "instance"}) + ("semantic" in tasks and not semantic_padded)
+    planes = _MaskPlanes(logits, padded, image, out_size, config.max_chunk_bytes, semantic_padded + bool(output_users),
+                         output_users)
     if "semantic" in config.tasks:
-        result.semantic = semantic_inference(
-            logits, p_cls, image, padded, out_size, config.semantic_order, config.chunk_size, config.max_chunk_bytes
-        )
+        state: list[Tensor] | None = None
+        for c0, s in _semantic_chunks(
+            logits, p_cls, image, padded, out_size, config.semantic_order, config.chunk_size,
+            config.max_chunk_bytes, planes,
+        ):
+            state = _running_argmax(state, s, c0)
+        assert state is not None
+        result.semantic = state[1].cpu().numpy().astype(np.int32, copy=False)
+        del state
     if "panoptic" in config.tasks or "instance" in config.tasks:
-        source = _postprocessed_source(logits, padded, image, out_size)
+        source = planes.output
         if "panoptic" in config.tasks:
             result.panoptic, result.segments = _panoptic(
                 source,

@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,6 +44,9 @@ __all__ = [
     "mask_stats",
     "needed_tasks",
     "output_path",
+    "atomic_write_chunks",
+    "atomic_write_json_stream",
+    "atomic_write_lines",
     "ranked_records",
     "remove_stale_temp_files",
     "round_score",
@@ -183,6 +186,103 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     return atomic_write_text(path, dumps_json(obj, indent=indent) + "\n")
 
 
+def _open_temp(path: Path):  # noqa: ANN202 - (temporary path, binary file object)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:  # pragma: no cover - a 48-bit random clash
+            continue
+        return tmp, os.fdopen(fd, "wb")
+
+
+def _same_file_contents(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                chunk_a, chunk_b = fa.read(1 << 20), fb.read(1 << 20)
+                if chunk_a != chunk_b:
+                    return False
+                if not chunk_a:
+                    return True
+    except OSError:
+        return False
+
+
+def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str]) -> Path:
+    """Stream ``chunks`` (text, UTF-8) into ``path`` atomically, as :func:`atomic_write_bytes` does for one buffer:
+    a temporary file in the same folder, fsynced, then renamed over ``path`` -- unless ``path`` already holds exactly
+    these bytes, which is left untouched. Memory use is one chunk (plus a small write buffer), whatever the total."""
+    path = Path(path)
+    tmp, f = _open_temp(path)
+    try:
+        with f:
+            buffer: list[str] = []
+            size = 0
+            for chunk in chunks:
+                buffer.append(chunk)
+                size += len(chunk)
+                if size >= 1 << 20:
+                    f.write("".join(buffer).encode("utf-8"))
+                    buffer, size = [], 0
+            f.write("".join(buffer).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        if _same_file_contents(tmp, path):
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _iter_json(obj: Any) -> Iterator[str]:
+    """:func:`dumps_json` (compact) of ``obj`` in pieces; any iterator or generator in it is written as a JSON array
+    and consumed lazily (so a list of millions of annotations is never built)."""
+    if isinstance(obj, dict):
+        yield "{"
+        for i, (key, value) in enumerate(obj.items()):
+            if not isinstance(key, str):
+                raise TypeError(f"JSON object keys must be strings, got {type(key).__name__}")
+            yield ("," if i else "") + dumps_json(key) + ":"
+            yield from _iter_json(value)
+        yield "}"
+    elif isinstance(obj, Iterator) or (isinstance(obj, (list, tuple)) and any(isinstance(v, Iterator) for v in obj)):
+        yield "["
+        for i, value in enumerate(obj):
+            if i:
+                yield ","
+            yield from _iter_json(value) if isinstance(value, (dict, Iterator)) else iter((dumps_json(value),))
+        yield "]"
+    else:
+        yield dumps_json(obj)
+
+
+def atomic_write_json_stream(path: str | os.PathLike[str], obj: Any) -> Path:
+    """:func:`atomic_write_json` (compact) streamed: iterators inside ``obj`` become JSON arrays, consumed lazily.
+    The bytes equal ``atomic_write_json`` of the same object with its iterators turned into lists."""
+    return atomic_write_chunks(path, _chain_newline(_iter_json(obj)))
+
+
+def _chain_newline(chunks: Iterator[str]) -> Iterator[str]:
+    yield from chunks
+    yield "\n"
+
+
+def atomic_write_lines(path: str | os.PathLike[str], lines: Iterable[str]) -> Path:
+    """Stream text ``lines`` (each already ending in a newline) into ``path`` atomically."""
+    return atomic_write_chunks(path, lines)
+
+
 def encode_png(array: np.ndarray, *, palette: Sequence[tuple[int, int, int]] | None = None) -> bytes:
     """Encode an image as PNG bytes, deterministically (Pillow, no metadata, :data:`PNG_COMPRESS_LEVEL`).
 
@@ -314,14 +414,21 @@ def segment_stats(id_map: np.ndarray, ids: Sequence[int]) -> tuple[np.ndarray, l
 
 def ranked_records(
     records: Iterable[tuple[ItemInfo, dict | None]],
-) -> list[tuple[int, ItemInfo, dict | None]]:
+) -> Iterator[tuple[int, ItemInfo, dict | None]]:
     """``(image_id, item, record)`` for every record, sorted by item id; image_id is the 1-based rank in that order
-    (items whose record is None keep their rank, so ids do not depend on which items produced output)."""
-    ordered = sorted(records, key=lambda r: r[0].id)
-    for (a, _), (b, _) in zip(ordered, ordered[1:]):
-        if a.id == b.id:
-            raise ValueError(f"duplicate item id {a.id!r} in the records")
-    return [(rank, item, record) for rank, (item, record) in enumerate(ordered, start=1)]
+    (items whose record is None keep their rank, so ids do not depend on which items produced output).
+
+    ``records`` with a true ``sorted_by_id`` attribute (the engine's on-disk record view) are already in id order and
+    are streamed, one record in memory at a time; anything else is sorted first. A duplicate id raises ValueError."""
+    ordered = records if getattr(records, "sorted_by_id", False) else sorted(records, key=lambda r: r[0].id)
+    previous: str | None = None
+    for rank, (item, record) in enumerate(ordered, start=1):
+        if previous is not None and item.id <= previous:
+            if item.id == previous:
+                raise ValueError(f"duplicate item id {item.id!r} in the records")
+            raise ValueError(f"records not in item-id order: {item.id!r} after {previous!r}")
+        previous = item.id
+        yield rank, item, record
 
 
 def check_size(item: ItemInfo, seg: Segmentation) -> tuple[int, int]:

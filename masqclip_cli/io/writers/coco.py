@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,16 @@ import numpy as np
 
 from masqclip_cli.inference.result import Segmentation
 
-from .base import ItemInfo, Writer, atomic_write_json, check_size, encode_rle, mask_stats, ranked_records, round_score
+from .base import (
+    ItemInfo,
+    Writer,
+    atomic_write_json_stream,
+    check_size,
+    encode_rle,
+    mask_stats,
+    ranked_records,
+    round_score,
+)
 
 __all__ = ["CocoWriter"]
 
@@ -53,20 +63,24 @@ class CocoWriter(Writer):
         return {"annotations": annotations}
 
     def finalize(self, records) -> list[Path]:
+        """Two streamed passes over ``records`` (images, then annotations): one item's record in memory at a time."""
         assert self.out_dir is not None
-        images: list[dict[str, Any]] = []
-        annotations: list[dict[str, Any]] = []
-        for image_id, item, record in ranked_records(records):
-            if record is None:
-                continue
-            images.append(
-                {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
-            )
-            for ann in record["annotations"]:
-                rle = ann["segmentation"]
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
+        images = [
+            {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
+            for image_id, item, record in ranked_records(records)
+            if record is not None
+        ]
+
+        def annotations() -> Iterator[dict[str, Any]]:
+            count = 0
+            for image_id, _, record in ranked_records(records):
+                if record is None:
+                    continue
+                for ann in record["annotations"]:
+                    rle = ann["segmentation"]
+                    count += 1
+                    yield {
+                        "id": count,
                         "image_id": image_id,
                         "category_id": int(ann["category_id"]),
                         "segmentation": {"size": [int(v) for v in rle["size"]], "counts": str(rle["counts"])},
@@ -75,6 +89,6 @@ class CocoWriter(Writer):
                         "iscrowd": 0,
                         "score": round_score(ann["score"]),
                     }
-                )
-        data = {"images": images, "annotations": annotations, "categories": self._coco_categories(color=False)}
-        return [atomic_write_json(self.out_dir / self.file_name, data)]
+
+        data = {"images": images, "annotations": annotations(), "categories": self._coco_categories(color=False)}
+        return [atomic_write_json_stream(self.out_dir / self.file_name, data)]

@@ -13,7 +13,7 @@ from masqclip_cli.inference.result import Segmentation
 from .base import (
     ItemInfo,
     Writer,
-    atomic_write_text,
+    atomic_write_lines,
     check_size,
     dumps_json,
     encode_rle,
@@ -106,5 +106,5 @@ class JsonlWriter(Writer):
     def finalize(self, records) -> list[Path]:
         if self.out_dir is None:
             return []
-        lines = [str(record["line"]) + "\n" for _, _, record in ranked_records(records) if record is not None]
-        return [atomic_write_text(self.out_dir / self.file_name, "".join(lines))]
+        lines = (str(record["line"]) + "\n" for _, _, record in ranked_records(records) if record is not None)
+        return [atomic_write_lines(self.out_dir / self.file_name, lines)]

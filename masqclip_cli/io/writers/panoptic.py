@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from .base import (
     ItemInfo,
     Writer,
     atomic_save_png,
-    atomic_write_json,
+    atomic_write_json_stream,
     check_size,
     output_path,
     ranked_records,
@@ -94,26 +95,30 @@ class PanopticWriter(Writer):
         return {"file_name": path.relative_to(self.out_dir / self.kind).as_posix(), "segments_info": infos}
 
     def finalize(self, records) -> list[Path]:
+        """Two streamed passes over ``records`` (images, then annotations): one item's record in memory at a time."""
         assert self.out_dir is not None
-        images: list[dict[str, Any]] = []
-        annotations: list[dict[str, Any]] = []
-        for image_id, item, record in ranked_records(records):
-            if record is None:
-                continue
-            images.append(
-                {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
-            )
-            infos = [
-                {
-                    "id": int(info["id"]),
-                    "category_id": int(info["category_id"]),
-                    "iscrowd": 0,
-                    "bbox": [int(v) for v in info["bbox"]],
-                    "area": int(info["area"]),
-                    "score": round_score(info["score"]),
-                }
-                for info in record["segments_info"]
-            ]
-            annotations.append({"image_id": image_id, "file_name": str(record["file_name"]), "segments_info": infos})
-        data = {"images": images, "annotations": annotations, "categories": self._coco_categories(color=True)}
-        return [atomic_write_json(self.out_dir / self.file_name, data)]
+        images = [
+            {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
+            for image_id, item, record in ranked_records(records)
+            if record is not None
+        ]
+
+        def annotations() -> Iterator[dict[str, Any]]:
+            for image_id, _, record in ranked_records(records):
+                if record is None:
+                    continue
+                infos = [
+                    {
+                        "id": int(info["id"]),
+                        "category_id": int(info["category_id"]),
+                        "iscrowd": 0,
+                        "bbox": [int(v) for v in info["bbox"]],
+                        "area": int(info["area"]),
+                        "score": round_score(info["score"]),
+                    }
+                    for info in record["segments_info"]
+                ]
+                yield {"image_id": image_id, "file_name": str(record["file_name"]), "segments_info": infos}
+
+        data = {"images": images, "annotations": annotations(), "categories": self._coco_categories(color=True)}
+        return [atomic_write_json_stream(self.out_dir / self.file_name, data)]
