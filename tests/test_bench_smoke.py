@@ -51,10 +51,11 @@ def check_vocab_scale(r: dict) -> None:
         assert _positive(row["first_run_s"], row["cached_run_ms"]) and row["encode_batches"] >= 1
         assert row["bank_shape"][0] == row["classes"] + 1
     overhead = r["segment_overhead"]
-    small, large = overhead["vocabularies"]
+    assert overhead["vocabularies"][0] < overhead["vocabularies"][1]
     for entry in overhead["by_tasks"]:
-        assert _positive(entry[f"run_{small}_classes_s"], entry[f"run_{large}_classes_s"])
-        assert isinstance(entry["added_fraction"], float) and isinstance(entry["meets_target"], bool)
+        assert _positive(entry["run_small_s"], entry["run_large_s"], entry["run_large_fixed_s"])
+        assert set(entry["added_fraction"]) == {"large", "large_fixed"}
+        assert isinstance(entry["meets_target"], bool) and isinstance(entry["same_output_as_small"], bool)
 
 
 def check_streaming_memory(r: dict) -> None:

@@ -483,3 +483,59 @@ def test_postprocess_upsamples_each_plane_once_and_equals_per_task(monkeypatch, 
     for a, b in zip(res.instances, inst):
         np.testing.assert_array_equal(a.mask, b.mask)
     np.testing.assert_array_equal(res.semantic, semantic_inference(logits, p, order="padded", **geom))
+
+
+def _near_tie(scores: torch.Tensor) -> np.ndarray:
+    top2 = scores.topk(2, dim=0).values
+    return ((top2[0] - top2[1]) < 1e-5).numpy()
+
+
+@pytest.mark.parametrize("order", ["padded", "resized"])
+def test_semantic_pruning_of_large_vocabularies_is_exact(monkeypatch, order):
+    """With 400 classes and peaky probabilities most classes are skipped, and the argmax still equals the argmax of
+    all N score maps; a class that is no query's top class but wins where many masks overlap (by its sum over
+    queries) is kept."""
+    g = torch.Generator().manual_seed(21)
+    q, n = 13, 400
+    logits = 3.0 * torch.randn((q, 8, 10), generator=g)
+    logits[:, 2:5, 3:7] = 6.0  # every mask covers this block: the sum-over-queries class wins there
+    p = torch.softmax(8.0 * torch.randn((q, n), generator=g), dim=1) * 0.5
+    p[:, 123] = 0.0
+    p[torch.arange(q), p.argmax(dim=1)] = 0.45  # every query's top class at 0.45 ...
+    p[:, 123] = 0.3  # ... and class 123 at 0.3 in every query: never a top class, but the largest sum
+    assert not (p.argmax(dim=1) == 123).any()
+    geom = dict(image_size=(29, 37), padded_size=(32, 40), output_size=(45, 50))
+    kept: list[int] = []
+    real = pp._semantic_candidates
+
+    def spy(*args):
+        out = real(*args)
+        kept.append(int(out.numel()))
+        return out
+
+    monkeypatch.setattr(pp, "_semantic_candidates", spy)
+    got = semantic_inference(logits, p, order=order, **geom)
+    scores = semantic_scores(logits, p, order=order, **geom)
+    want = scores.argmax(dim=0).numpy()
+    assert kept and kept[0] < n // 4  # most classes were skipped
+    assert not ((got != want) & ~_near_tie(scores)).any()
+    assert (want == 123).any() and (got == 123).any()
+    # the all-tasks entry point prunes the same way
+    res = postprocess(logits, p, [True] * n, config=PostprocessConfig(tasks=("semantic",), semantic_order=order),
+                      **geom)
+    np.testing.assert_array_equal(res.semantic, got)
+
+
+def test_semantic_pruning_keeps_everything_when_sigma_underflows():
+    """Where every mask's σ is 0 (logits below -104 in float32) all classes tie at 0 and class 0 wins: no pruning."""
+    g = torch.Generator().manual_seed(22)
+    q, n = 5, 100
+    logits = 3.0 * torch.randn((q, 8, 10), generator=g)
+    logits[:, 0, 0] = -200.0
+    p = torch.softmax(8.0 * torch.randn((q, n), generator=g), dim=1)
+    p[:, 0] = 1e-9
+    geom = dict(image_size=(32, 40), padded_size=(32, 40))
+    got = semantic_inference(logits, p, **geom)
+    scores = semantic_scores(logits, p, **geom)
+    assert got[0, 0] == 0
+    assert not ((got != scores.argmax(dim=0).numpy()) & ~_near_tie(scores)).any()

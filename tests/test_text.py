@@ -114,3 +114,31 @@ def test_name_longer_than_context_warns_with_file_and_line(encoder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_text_embeddings(parse_text("cat\ndog\n", source="ok.txt"), encoder)
+
+
+def test_trimmed_encoding_equals_the_full_context_in_input_order(encoder):
+    """Names of very different lengths, in batches of 3 (sorted by length inside encode): every row equals open_clip's
+    full 77-token encode_text of that name, in the order given."""
+    names = ["a photo of a small red car parked on a wet road at night", "sky", "traffic light", "x",
+             "two large wooden chairs", "person", "b c d e f g h i j k", "road"]
+    got = encoder.encode(names, batch_size=3)
+    with torch.no_grad():
+        want = encoder.model.encode_text(encoder.tokenizer(names)).float()
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert encoder.calls == 3
+
+
+def test_trimmed_encoding_falls_back_without_a_causal_mask(tiny_clip):
+    """Without a causal mask the padding columns matter: encode_text_trimmed must run the whole context."""
+    from masqclip_cli.modeling.text import encode_text_trimmed
+
+    model, spec = tiny_clip
+    tokens = get_tokenizer(spec)(["sky", "a red car on the road"])
+    saved = model.attn_mask
+    try:
+        model.attn_mask = None
+        with torch.no_grad():
+            assert torch.equal(encode_text_trimmed(model, tokens), model.encode_text(tokens))
+    finally:
+        model.attn_mask = saved

@@ -282,17 +282,21 @@ def _resize_planes(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _running_argmax(
-    state: list[Tensor] | None, values: Tensor, offset: int, extra: Tensor | None = None
+    state: list[Tensor] | None, values: Tensor, offset: int | Tensor, extra: Tensor | None = None
 ) -> list[Tensor]:
     """Fold one chunk ``values`` (C, H, W) into a running (max (H, W), argmax int32 (H, W)[, extra (H, W)]).
 
     Within a chunk the first maximum wins (``max(dim=0)``); across chunks an earlier one wins ties (strict ``>``), so
-    the result equals the argmax over all chunks at once: lowest index on ties. ``extra`` (C, H, W), if given, is
-    gathered at the chunk's argmax and carried along with it.
+    the result equals the argmax over all chunks at once: lowest index on ties. The chunk's rows are indices
+    ``offset + 0..C-1``, or ``offset[0..C-1]`` when ``offset`` is an increasing ``(C,)`` index tensor. ``extra``
+    (C, H, W), if given, is gathered at the chunk's argmax and carried along with it.
     """
     cmax, carg = values.max(dim=0)
     cextra = None if extra is None else extra.gather(0, carg.unsqueeze(0)).squeeze(0)
-    carg = carg.to(torch.int32).add_(offset)
+    if isinstance(offset, Tensor):
+        carg = offset.to(carg.device)[carg].to(torch.int32)
+    else:
+        carg = carg.to(torch.int32).add_(offset)
     if state is None:
         return [cmax, carg] if cextra is None else [cmax, carg, cextra]
     upd = cmax > state[0]
@@ -341,10 +345,20 @@ def _semantic_chunks(
     chunk_size: int,
     max_bytes: int,
     planes: _MaskPlanes | None = None,
-) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(c0, S[c0:c0+C])``, semantic scores ``(C, H_out, W_out)`` float32, class chunk by class chunk.
+    prune: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(classes, S[classes])``: increasing int64 class indices ``(C,)`` and their semantic scores
+    ``(C, H_out, W_out)`` float32, class chunk by class chunk (all N classes, in order, unless ``prune``).
 
-    ``planes``, if given, supplies the upsampled mask logits (shared with the other tasks; same values)."""
+    ``planes``, if given, supplies the upsampled mask logits (shared with the other tasks; same values).
+
+    ``prune`` (for the argmax only): skip classes that provably win no pixel. With ``T(x) = Σ_q σ_q(x)``, ``M(x) =
+    max_q σ_q(x)`` and ``W0(x)`` = the best score of the candidate classes (every query's top class), a class ``c``
+    scores ``S_c(x) ≤ min(max_q p[q, c]·T(x), Σ_q p[q, c]·M(x))``; when ``max_q p[q, c] < min_x W0/T`` or
+    ``Σ_q p[q, c] < min_x W0/M`` (with a 1e-4 relative margin for float rounding) its score is below ``W0(x) ≤
+    max_c S_c(x)`` at every pixel, so it can neither win nor tie. Peaky class probabilities over a large vocabulary
+    leave a few dozen classes of thousands. Only done when all mask planes fit in ``max_bytes`` and the vocabulary
+    is over 4× the candidates."""
     if order not in SEMANTIC_ORDERS:
         raise ValueError(f"order must be one of {list(SEMANTIC_ORDERS)}, got {order!r}")
     q, n = p_cls.shape
@@ -381,16 +395,47 @@ def _semantic_chunks(
         cache = torch.empty((q, work_px), dtype=torch.float32, device=logits.device)
         for idx in qchunks:
             cache[idx[0] : idx[-1] + 1] = sig(idx).reshape(len(idx), work_px)
+    classes = torch.arange(n, device=logits.device)
+    if prune and cache is not None and q > 0:
+        classes = _semantic_candidates(p, cache, classes)
     cstep = _chunk(None, work_px, max_bytes, n)
-    for c0 in range(0, n, cstep):
-        c1 = min(c0 + cstep, n)
+    for c0 in range(0, int(classes.numel()), cstep):
+        cls = classes[c0 : c0 + cstep]
+        pc = p.index_select(1, cls)
         if cache is not None:
-            scores = torch.mm(p[:, c0:c1].T, cache)
+            scores = torch.mm(pc.T, cache)
         else:
-            scores = torch.zeros((c1 - c0, work_px), dtype=torch.float32, device=logits.device)
+            scores = torch.zeros((len(cls), work_px), dtype=torch.float32, device=logits.device)
             for idx in qchunks:
-                scores.addmm_(p[idx, c0:c1].T, sig(idx).reshape(len(idx), work_px))
-        yield c0, scores.view(c1 - c0, *work)
+                scores.addmm_(pc[idx].T, sig(idx).reshape(len(idx), work_px))
+        yield cls, scores.view(len(cls), *work)
+
+
+def _semantic_candidates(p: Tensor, planes: Tensor, classes: Tensor) -> Tensor:
+    """The classes of ``classes`` that may win a pixel of the semantic argmax (see ``_semantic_chunks``' ``prune``).
+
+    Args:
+        p: ``(Q, N)`` float32 class probabilities.
+        planes: ``(Q, P)`` float32 σ of the masks at the working size, flattened.
+        classes: ``(N,)`` int64 ``0..N-1``.
+
+    Returns:
+        increasing int64 class indices, a superset of the argmax winners.
+    """
+    top = torch.unique(p.argmax(dim=1))  # sorted
+    if classes.numel() <= 4 * top.numel():
+        return classes
+    mx = planes.max(dim=0).values  # (P,) M(x)
+    if not bool((mx > 0).all()):  # σ underflowed to 0 somewhere: every class ties at 0 there
+        return classes
+    w0 = torch.mm(p[:, top].T, planes).max(dim=0).values  # (P,) W0(x) <= max_c S_c(x)
+    r_sum = float((w0 / planes.sum(dim=0)).min())  # min_x W0 / T
+    r_max = float((w0 / mx).min())  # min_x W0 / M
+    margin = 1.0 - 1e-4
+    p_max, p_sum = p.max(dim=0).values, p.sum(dim=0)
+    keep = (p_max >= r_sum * margin) & (p_sum >= r_max * margin)
+    keep[top] = True
+    return classes[keep]
 
 
 @torch.no_grad()
@@ -456,10 +501,11 @@ def semantic_inference(
     image = _size2(image_size, "image_size")
     out_size = image if output_size is None else _size2(output_size, "output_size")
     state: list[Tensor] | None = None
-    for c0, s in _semantic_chunks(
-        mask_logits, p_cls, image, _size2(padded_size, "padded_size"), out_size, order, chunk_size, max_chunk_bytes
+    for cls, s in _semantic_chunks(
+        mask_logits, p_cls, image, _size2(padded_size, "padded_size"), out_size, order, chunk_size, max_chunk_bytes,
+        prune=True,
     ):
-        state = _running_argmax(state, s, c0)
+        state = _running_argmax(state, s, cls)
     assert state is not None
     return state[1].cpu().numpy().astype(np.int32, copy=False)
 
@@ -712,11 +758,11 @@ def postprocess(
                          output_users)
     if "semantic" in config.tasks:
         state: list[Tensor] | None = None
-        for c0, s in _semantic_chunks(
+        for cls, s in _semantic_chunks(
             logits, p_cls, image, padded, out_size, config.semantic_order, config.chunk_size,
-            config.max_chunk_bytes, planes,
+            config.max_chunk_bytes, planes, prune=True,
         ):
-            state = _running_argmax(state, s, c0)
+            state = _running_argmax(state, s, cls)
         assert state is not None
         result.semantic = state[1].cpu().numpy().astype(np.int32, copy=False)
         del state

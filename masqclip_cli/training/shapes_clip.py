@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from masqclip_cli.data.synthetic import DEFAULT_NOVEL, STUFF_NAMES, SYNTH_CATEGORIES, SynthConfig, generate
 from masqclip_cli.modeling.clip_loader import create_open_clip, get_tokenizer, tensor_digest
 from masqclip_cli.modeling.masq_visual import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from masqclip_cli.modeling.text import encode_text_trimmed
 
 __all__ = [
     "CATEGORY_NAMES",
@@ -326,24 +327,6 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     pos = (text_ids[:, None] == text_ids[None, :]).float()
     targets = pos / pos.sum(dim=1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-
-
-def encode_text_trimmed(model: nn.Module, text: Tensor) -> Tensor:
-    """``model.encode_text(text)`` computed on the tokens up to the longest caption's end token only.
-
-    Under the causal mask a token never sees later ones, and the pooled (end) token of every caption lies within
-    the kept columns, so this equals the full-context forward (up to float rounding) at a fraction of the cost:
-    crop captions are 6-8 tokens of a 40-token context.
-    """
-    length = int((text != 0).sum(dim=1).max())
-    if length >= text.shape[1] or getattr(model, "text_pool_type", None) != "argmax" or model.attn_mask is None:
-        return model.encode_text(text)
-    text = text[:, :length]
-    x = model.token_embedding(text) + model.positional_embedding[:length]
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
-    return x @ model.text_projection if not isinstance(model.text_projection, nn.Linear) else model.text_projection(x)
 
 
 class _Tokens:

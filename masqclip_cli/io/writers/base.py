@@ -130,28 +130,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             return path
     except OSError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:  # pragma: no cover - a 48-bit random clash
-            continue
-        break
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_write_chunks(path, (data,))
 
 
 def remove_stale_temp_files(out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -213,23 +192,26 @@ def _same_file_contents(a: Path, b: Path) -> bool:
         return False
 
 
-def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str]) -> Path:
-    """Stream ``chunks`` (text, UTF-8) into ``path`` atomically, as :func:`atomic_write_bytes` does for one buffer:
-    a temporary file in the same folder, fsynced, then renamed over ``path`` -- unless ``path`` already holds exactly
-    these bytes, which is left untouched. Memory use is one chunk (plus a small write buffer), whatever the total."""
+def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | bytes]) -> Path:
+    """Stream ``chunks`` (bytes, or text written as UTF-8) into ``path`` atomically: a temporary file in the same
+    folder (created with the umask's permissions, parent folders created), flushed and fsynced, then
+    :func:`os.replace`-d over ``path`` -- unless ``path`` already holds exactly these bytes, which is left untouched.
+    On any error the temporary file is removed and ``path`` is left as it was. Memory use is one chunk (plus a 1 MiB
+    write buffer), whatever the total."""
     path = Path(path)
     tmp, f = _open_temp(path)
     try:
         with f:
-            buffer: list[str] = []
+            buffer: list[bytes] = []
             size = 0
             for chunk in chunks:
-                buffer.append(chunk)
-                size += len(chunk)
+                data = chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
+                buffer.append(data)
+                size += len(data)
                 if size >= 1 << 20:
-                    f.write("".join(buffer).encode("utf-8"))
+                    f.write(b"".join(buffer))
                     buffer, size = [], 0
-            f.write("".join(buffer).encode("utf-8"))
+            f.write(b"".join(buffer))
             f.flush()
             os.fsync(f.fileno())
         if _same_file_contents(tmp, path):
