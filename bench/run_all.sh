@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark suite on this CPU (fp32, 2 threads, random weights); results in bench/results/*.json.
-# About 25-30 minutes on the project's 2-core machine -- keep the machine otherwise idle: other work on the two
+# About 30-40 minutes on the project's 2-core machine -- keep the machine otherwise idle: other work on the two
 # cores slows 2-thread torch badly (every result file records the load average).
 #
 #     bash bench/run_all.sh            # everything
@@ -22,11 +22,11 @@ fi
 
 step() { echo; echo "== $* ($(date +%H:%M:%S))"; "$@"; }
 
-step python bench/masq_overhead.py --models ViT-B-16 ViT-L-14-336-quickgelu                # ~1 min
-step python bench/model_stages.py --model full-random                                      # ~1.5 min
-step python bench/crop_classify.py --clip ViT-B-16 ViT-L-14-336-quickgelu                  # ~5 min
-step python bench/vocab_scale.py --sizes 10,150,1000,10000                                 # ~8-10 min
-step python bench/streaming_memory.py --counts 200,2000                                    # ~4-6 min
-step python bench/segment_e2e.py --models tiny-random,full-random,demo                     # ~3 min
-step python bench/train_step.py --geometries tiny,full                                     # ~10 min
+step python bench/masq_overhead.py --models ViT-B-16 ViT-L-14-336-quickgelu                # ~2 min
+step python bench/model_stages.py --model full-random                                      # ~2 min
+step python bench/crop_classify.py --clip ViT-B-16 ViT-L-14-336-quickgelu --repeats 3      # ~10 min
+step python bench/vocab_scale.py --sizes 10,150,1000,10000                                 # ~6 min
+step python bench/streaming_memory.py --counts 200,2000                                    # ~3 min
+step python bench/segment_e2e.py --models tiny-random,full-random,demo                     # ~4 min
+step python bench/train_step.py --geometries tiny,full --iterations 3                      # ~10 min
 echo; echo "done ($(date +%H:%M:%S)): bench/results/*.json"

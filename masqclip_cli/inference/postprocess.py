@@ -12,6 +12,9 @@ proposal mask logits ``(Q, h, w)`` at stride 4 of the padded network input:
   - ``"resized"`` (the official all-tasks config): ``S`` is computed from the post-processed masks (upsampled to the
     padded size, cropped, resized to the output).
 
+  For the argmax, classes that provably win no pixel are skipped (an exact bound, see ``_semantic_chunks``), so a
+  large vocabulary does not cost N full-size score maps.
+
 * **panoptic** (:func:`panoptic_inference`): ``(s_q, c_q) = max_c p_cls[q, c]``; queries with ``s_q > object
   threshold`` are kept; every pixel goes to the kept query with the largest ``s_q·σ(m_q)``; the segment of ``q`` is
   ``(argmax == q) ∧ σ(m_q) ≥ 0.5``; it is dropped when the argmax area, the ``σ ≥ 0.5`` area or their intersection is
@@ -38,16 +41,18 @@ The "no object score" ablation is handled upstream: the model then hands ``p_cls
 changes.
 
 Memory: full-size float masks are only ever made ``chunk`` queries at a time, where ``chunk = min(chunk_size,
-max_chunk_bytes // (4·H_out·W_out))`` (at least 1); the panoptic and semantic argmaxes keep a running max/argmax
-across chunks, so besides the chunk they hold a few ``(H_out, W_out)`` maps (float32 max, int32 argmax, bool).
-Semantic scores are formed ``C`` classes at a time (``C`` as large as ``max_chunk_bytes`` allows), so the
-``(N, H_out, W_out)`` volume is never held when it is larger than that. Discrete results and scores do not depend on
-``chunk_size``: every query (and every class map) is interpolated and passed through σ on its own, since PyTorch's CPU
-kernels round a 1-plane and a K-plane call differently (~1e-7); only when ``max_chunk_bytes`` forces the semantic sum
-itself to be split can its float rounding move, by ~1e-7. Instances are returned with their own full-size bool masks
-(as the result type requires): ``k·H_out·W_out`` bytes at most. Measured on CPU (Q = 100, N = 150, padded 640x864,
-defaults): panoptic at 9000x9000 peaks at ~3.2 GB resident (one query per chunk under the 512 MiB cap); semantic
-and instance at 4500x4500 at ~2.0 and ~2.8 GB.
+max_chunk_bytes // (4·H_out·W_out))`` (at least 1); the panoptic and semantic argmaxes keep a running max/argmax across
+chunks, so besides the chunk they hold a few ``(H_out, W_out)`` maps (float32 max, int32 argmax, bool). Semantic scores
+are formed ``C`` classes at a time (``C`` as large as ``max_chunk_bytes`` allows), so the ``(N, H_out, W_out)`` volume
+is never held when it is larger than that. Discrete results and scores do not depend on ``chunk_size``: every query (and
+every class map) is interpolated and passed through σ on its own, since PyTorch's CPU kernels round a 1-plane and a
+K-plane call differently (~1e-7); only when ``max_chunk_bytes`` forces the semantic sum itself to be split can its float
+rounding move, by ~1e-7. When two tasks read the same upsampled mask planes, :func:`postprocess` keeps them for the
+second one if all Q planes of that size fit in ``max_chunk_bytes / 2`` (padded size and output size each): up to
+``max_chunk_bytes`` more, never at the sizes where the chunking matters. Instances are returned with their own full-size
+bool masks (as the result type requires): ``k·H_out·W_out`` bytes at most. Measured on CPU (Q = 100, N = 150, padded
+640x864, defaults): panoptic at 9000x9000 peaks at ~3.2 GB resident (one query per chunk under the 512 MiB cap);
+semantic and instance at 4500x4500 at ~2.0 and ~2.8 GB.
 """
 
 from __future__ import annotations
