@@ -68,7 +68,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from masqclip_cli.inference.result import Segment, Segmentation, mask_bbox
-from masqclip_cli.modeling.proposals.network import postprocess_masks
 
 if TYPE_CHECKING:
     from masqclip_cli.modeling.masqclip import ImageOutput
@@ -186,12 +185,12 @@ class _MaskPlanes:
     """One image's Q mask-logit planes upsampled once and shared by the tasks (semantic, panoptic, instance).
 
     ``padded(idx)`` = bilinear upsampling of each plane to the padded size; ``output(idx)`` = the official
-    ``sem_seg_postprocess`` (:func:`postprocess_masks`: padded size, crop, output size). Both compute every plane
-    exactly as ``postprocess_masks(chunk=1)`` and :func:`_resize_planes` do (one plane per interpolation call), so the
-    values are bit-identical to computing them per task; a plane is kept after its first use when all Q planes of
-    that size fit in ``max_bytes // 2`` and at least two consumers (``padded_consumers`` / ``output_consumers``: the
-    tasks that read that size) will read it; otherwise planes are recomputed per call, one chunk at a time. Both
-    return fresh tensors the caller may modify in place.
+    ``sem_seg_postprocess`` (:func:`~masqclip_cli.modeling.proposals.network.postprocess_masks`: padded size, crop,
+    output size). Both compute every plane exactly as ``postprocess_masks(chunk=1)`` and :func:`_resize_planes` do
+    (one plane per interpolation call), so the values are bit-identical to computing them per task; a plane is kept
+    after its first use when all Q planes of that size fit in ``max_bytes // 2`` and at least two consumers
+    (``padded_consumers`` / ``output_consumers``: the tasks that read that size) will read it; otherwise planes are
+    recomputed per call, one chunk at a time. Both return fresh tensors the caller may modify in place.
     """
 
     def __init__(
@@ -248,17 +247,15 @@ class _MaskPlanes:
 
     def padded(self, idx: Tensor) -> Tensor:
         """``(K, Hp, Wp)`` float32 logits of the queries ``idx`` at the padded size (a fresh tensor)."""
-        return torch.stack([self._padded_plane(i) for i in idx.tolist()]) if idx.numel() else self._empty(
-            self.padded_size
-        )
+        return self._stack([self._padded_plane(i) for i in idx.tolist()], self.padded_size)
 
     def output(self, idx: Tensor) -> Tensor:
         """``(K, H_out, W_out)`` float32 post-processed logits of the queries ``idx`` (a fresh tensor)."""
-        return torch.stack([self._output_plane(i) for i in idx.tolist()]) if idx.numel() else self._empty(
-            self.output_size
-        )
+        return self._stack([self._output_plane(i) for i in idx.tolist()], self.output_size)
 
-    def _empty(self, size: tuple[int, int]) -> Tensor:
+    def _stack(self, planes: list[Tensor], size: tuple[int, int]) -> Tensor:
+        if planes:
+            return torch.stack(planes)
         return torch.empty((0, *size), dtype=torch.float32, device=self.logits.device)
 
 
@@ -381,17 +378,14 @@ def _semantic_chunks(
     work = (ho, wo)
     work_px = ho * wo
 
+    if planes is None:  # nothing shared: every plane computed when needed, nothing kept
+        planes = _MaskPlanes(logits, padded_size, image_size, output_size, max_bytes, 0, 0)
+
     def sig(idx: Tensor) -> Tensor:  # (len, ho, wo) sigmoid of the masks at the output size
-        if planes is not None:
-            if order == "padded":
-                m = _sigmoid_(planes.padded(idx))[:, :h, :w]
-                return m.contiguous() if (ho, wo) == (h, w) else _resize_planes(m, (ho, wo))
-            return _sigmoid_(planes.output(idx))
-        sub = logits.index_select(0, idx).float()
         if order == "padded":
-            m = _sigmoid_(_resize_planes(sub, (hp, wp)))[:, :h, :w]
+            m = _sigmoid_(planes.padded(idx))[:, :h, :w]
             return m.contiguous() if (ho, wo) == (h, w) else _resize_planes(m, (ho, wo))
-        return _sigmoid_(postprocess_masks(sub, padded_size, image_size, output_size, chunk=1))
+        return _sigmoid_(planes.output(idx))
 
     qstep = _chunk(chunk_size, work_px, max_bytes, q)
     qchunks = [torch.arange(s, min(s + qstep, q), device=logits.device) for s in range(0, q, qstep)]
@@ -505,10 +499,26 @@ def semantic_inference(
     _check_scores(mask_logits, p_cls, None)
     image = _size2(image_size, "image_size")
     out_size = image if output_size is None else _size2(output_size, "output_size")
+    return _semantic_argmax(
+        mask_logits, p_cls, image, _size2(padded_size, "padded_size"), out_size, order, chunk_size, max_chunk_bytes
+    )
+
+
+def _semantic_argmax(
+    mask_logits: Tensor,
+    p_cls: Tensor,
+    image_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    output_size: tuple[int, int],
+    order: str,
+    chunk_size: int,
+    max_bytes: int,
+    planes: _MaskPlanes | None = None,
+) -> np.ndarray:
+    """The running argmax over the (pruned) class chunks of :func:`_semantic_chunks`: ``(H_out, W_out)`` int32."""
     state: list[Tensor] | None = None
     for cls, s in _semantic_chunks(
-        mask_logits, p_cls, image, _size2(padded_size, "padded_size"), out_size, order, chunk_size, max_chunk_bytes,
-        prune=True,
+        mask_logits, p_cls, image_size, padded_size, output_size, order, chunk_size, max_bytes, planes, prune=True
     ):
         state = _running_argmax(state, s, cls)
     assert state is not None
@@ -762,15 +772,10 @@ def postprocess(
     planes = _MaskPlanes(logits, padded, image, out_size, config.max_chunk_bytes, semantic_padded + bool(output_users),
                          output_users)
     if "semantic" in config.tasks:
-        state: list[Tensor] | None = None
-        for cls, s in _semantic_chunks(
-            logits, p_cls, image, padded, out_size, config.semantic_order, config.chunk_size,
-            config.max_chunk_bytes, planes, prune=True,
-        ):
-            state = _running_argmax(state, s, cls)
-        assert state is not None
-        result.semantic = state[1].cpu().numpy().astype(np.int32, copy=False)
-        del state
+        result.semantic = _semantic_argmax(
+            logits, p_cls, image, padded, out_size, config.semantic_order, config.chunk_size, config.max_chunk_bytes,
+            planes,
+        )
     if "panoptic" in config.tasks or "instance" in config.tasks:
         source = planes.output
         if "panoptic" in config.tasks:
