@@ -772,12 +772,12 @@ def test_json_stream_equals_json_of_the_materialised_object(tmp_path):
 
 def test_stream_write_keeps_an_identical_file_and_replaces_a_different_one(tmp_path):
     path = tmp_path / "a.txt"
-    wbase.atomic_write_lines(path, iter(["x\n", "y\n"]))
+    wbase.atomic_write_chunks(path, iter(["x\n", "y\n"]))
     before = path.stat().st_mtime_ns
     os.utime(path, ns=(before - 10**9, before - 10**9))
-    wbase.atomic_write_lines(path, iter(["x\n", "y\n"]))  # same bytes: the file is left as it was
+    wbase.atomic_write_chunks(path, iter(["x\n", "y\n"]))  # same bytes: the file is left as it was
     assert path.stat().st_mtime_ns == before - 10**9
-    wbase.atomic_write_lines(path, iter(["x\n", "z" * (3 << 20), "\n"]))  # larger than the write buffer
+    wbase.atomic_write_chunks(path, iter(["x\n", "z" * (3 << 20), "\n"]))  # larger than the write buffer
     assert path.read_text() == "x\n" + "z" * (3 << 20) + "\n"
 
 

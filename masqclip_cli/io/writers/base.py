@@ -9,6 +9,7 @@ place with :func:`os.replace`, so a reader (or a resumed run) never sees a half-
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -46,7 +47,6 @@ __all__ = [
     "output_path",
     "atomic_write_chunks",
     "atomic_write_json_stream",
-    "atomic_write_lines",
     "ranked_records",
     "remove_stale_temp_files",
     "round_score",
@@ -130,7 +130,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             return path
     except OSError:
         pass
-    return atomic_write_chunks(path, (data,))
+    return atomic_write_chunks(path, (data,), compare=False)
 
 
 def remove_stale_temp_files(out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -192,12 +192,12 @@ def _same_file_contents(a: Path, b: Path) -> bool:
         return False
 
 
-def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | bytes]) -> Path:
+def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | bytes], *, compare: bool = True) -> Path:
     """Stream ``chunks`` (bytes, or text written as UTF-8) into ``path`` atomically: a temporary file in the same
     folder (created with the umask's permissions, parent folders created), flushed and fsynced, then
-    :func:`os.replace`-d over ``path`` -- unless ``path`` already holds exactly these bytes, which is left untouched.
-    On any error the temporary file is removed and ``path`` is left as it was. Memory use is one chunk (plus a 1 MiB
-    write buffer), whatever the total."""
+    :func:`os.replace`-d over ``path`` -- unless (``compare``) ``path`` already holds exactly these bytes, which is
+    then left untouched. On any error the temporary file is removed and ``path`` is left as it was. Memory use is one
+    chunk (plus a 1 MiB write buffer), whatever the total."""
     path = Path(path)
     tmp, f = _open_temp(path)
     try:
@@ -214,7 +214,7 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | byt
             f.write(b"".join(buffer))
             f.flush()
             os.fsync(f.fileno())
-        if _same_file_contents(tmp, path):
+        if compare and _same_file_contents(tmp, path):
             os.unlink(tmp)
         else:
             os.replace(tmp, path)
@@ -243,7 +243,7 @@ def _iter_json(obj: Any) -> Iterator[str]:
         for i, value in enumerate(obj):
             if i:
                 yield ","
-            yield from _iter_json(value) if isinstance(value, (dict, Iterator)) else iter((dumps_json(value),))
+            yield from _iter_json(value)
         yield "]"
     else:
         yield dumps_json(obj)
@@ -252,17 +252,7 @@ def _iter_json(obj: Any) -> Iterator[str]:
 def atomic_write_json_stream(path: str | os.PathLike[str], obj: Any) -> Path:
     """:func:`atomic_write_json` (compact) streamed: iterators inside ``obj`` become JSON arrays, consumed lazily.
     The bytes equal ``atomic_write_json`` of the same object with its iterators turned into lists."""
-    return atomic_write_chunks(path, _chain_newline(_iter_json(obj)))
-
-
-def _chain_newline(chunks: Iterator[str]) -> Iterator[str]:
-    yield from chunks
-    yield "\n"
-
-
-def atomic_write_lines(path: str | os.PathLike[str], lines: Iterable[str]) -> Path:
-    """Stream text ``lines`` (each already ending in a newline) into ``path`` atomically."""
-    return atomic_write_chunks(path, lines)
+    return atomic_write_chunks(path, itertools.chain(_iter_json(obj), ("\n",)))
 
 
 def encode_png(array: np.ndarray, *, palette: Sequence[tuple[int, int, int]] | None = None) -> bytes:

@@ -13,7 +13,7 @@ from masqclip_cli.inference.result import Segmentation
 from .base import (
     ItemInfo,
     Writer,
-    atomic_write_lines,
+    atomic_write_chunks,
     check_size,
     dumps_json,
     encode_rle,
@@ -107,4 +107,4 @@ class JsonlWriter(Writer):
         if self.out_dir is None:
             return []
         lines = (str(record["line"]) + "\n" for _, _, record in ranked_records(records) if record is not None)
-        return [atomic_write_lines(self.out_dir / self.file_name, lines)]
+        return [atomic_write_chunks(self.out_dir / self.file_name, lines)]
