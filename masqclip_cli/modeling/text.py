@@ -143,14 +143,14 @@ class TextEncoder:
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="encoding class names", unit="batch", leave=False)
-        out = torch.empty(0)
+        parts = []
         for start in batches:
             rows = order[start : start + batch_size]
-            emb = encode_text_trimmed(self.model, tokens[rows].to(device)).float().cpu()
-            if out.numel() == 0:
-                out = torch.empty((len(texts), emb.shape[1]), dtype=torch.float32)
-            out[rows] = emb
+            parts.append(encode_text_trimmed(self.model, tokens[rows].to(device)).float().cpu())
             self.calls += 1
+        by_length = torch.cat(parts)
+        out = torch.empty_like(by_length)
+        out[order] = by_length  # back to the input order
         return out
 
 

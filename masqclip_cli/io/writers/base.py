@@ -47,6 +47,7 @@ __all__ = [
     "output_path",
     "atomic_write_chunks",
     "atomic_write_json_stream",
+    "coco_images",
     "ranked_records",
     "remove_stale_temp_files",
     "round_score",
@@ -401,6 +402,16 @@ def ranked_records(
             raise ValueError(f"records not in item-id order: {item.id!r} after {previous!r}")
         previous = item.id
         yield rank, item, record
+
+
+def coco_images(records: Iterable[tuple[ItemInfo, dict | None]]) -> list[dict[str, Any]]:
+    """The COCO ``images`` list of the items that have a record: ``id`` (rank, see :func:`ranked_records`),
+    ``file_name``, ``width``, ``height``."""
+    return [
+        {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
+        for image_id, item, record in ranked_records(records)
+        if record is not None
+    ]
 
 
 def check_size(item: ItemInfo, seg: Segmentation) -> tuple[int, int]:

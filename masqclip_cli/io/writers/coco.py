@@ -15,6 +15,7 @@ from .base import (
     Writer,
     atomic_write_json_stream,
     check_size,
+    coco_images,
     encode_rle,
     mask_stats,
     ranked_records,
@@ -65,11 +66,7 @@ class CocoWriter(Writer):
     def finalize(self, records) -> list[Path]:
         """Two streamed passes over ``records`` (images, then annotations): one item's record in memory at a time."""
         assert self.out_dir is not None
-        images = [
-            {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
-            for image_id, item, record in ranked_records(records)
-            if record is not None
-        ]
+        images = coco_images(records)
 
         def annotations() -> Iterator[dict[str, Any]]:
             count = 0

@@ -16,6 +16,7 @@ from .base import (
     atomic_save_png,
     atomic_write_json_stream,
     check_size,
+    coco_images,
     output_path,
     ranked_records,
     round_score,
@@ -97,11 +98,7 @@ class PanopticWriter(Writer):
     def finalize(self, records) -> list[Path]:
         """Two streamed passes over ``records`` (images, then annotations): one item's record in memory at a time."""
         assert self.out_dir is not None
-        images = [
-            {"id": image_id, "file_name": item.file_name, "width": int(item.width), "height": int(item.height)}
-            for image_id, item, record in ranked_records(records)
-            if record is not None
-        ]
+        images = coco_images(records)
 
         def annotations() -> Iterator[dict[str, Any]]:
             for image_id, _, record in ranked_records(records):
