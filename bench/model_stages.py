@@ -45,6 +45,10 @@ def _timed(fn):
     return value, time.perf_counter() - start
 
 
+def median(values) -> float:  # noqa: ANN001 - any iterable of numbers
+    return round(statistics.median(values), 3)
+
+
 def run_once(model, acc: dict[str, float], image: torch.Tensor, isthing, clip_pixels: torch.Tensor) -> dict:
     """One image through the model + post-processing, then one plain ``encode_image``: seconds per stage."""
     for key in acc:
@@ -89,7 +93,6 @@ def main() -> None:
     with torch.inference_mode():
         run_once(model, acc, image, isthing, clip_pixels)
         runs = [run_once(model, acc, image, isthing, clip_pixels) for _ in range(args.reps)]
-    median = lambda values: round(statistics.median(values), 3)  # noqa: E731
     stages = {k: median(r["stages"][k] for r in runs) for k in (*MODEL_STAGES, "model_other", "postprocess")}
     full_s, encode_s = median(r["full_s"] for r in runs), median(r["encode_image_s"] for r in runs)
     ratios = [r["full_s"] / r["encode_image_s"] for r in runs]

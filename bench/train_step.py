@@ -137,6 +137,17 @@ def gpu_hour_estimates(full: dict) -> list[dict]:
     return rows
 
 
+def _add_estimates(results: dict) -> None:
+    """Add the official-recipe GPU-hour estimates (and how they are made) when the full geometry was measured."""
+    if "full" not in results["geometries"]:
+        return
+    results["official_recipe_estimate"] = gpu_hour_estimates(results["geometries"]["full"])
+    results["official_recipe_estimate_basis"] = (
+        f"FLOPs per training image x iterations x global batch / {SUSTAINED_TFLOPS:g} TFLOP/s sustained per GPU; "
+        "FlopCounterMode counts (grid_sample, matching and losses not counted): a lower bound"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--geometries", default="tiny,full")
@@ -149,7 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.estimate_only:
         results = json.loads(args.out.read_text())
-        results["official_recipe_estimate"] = gpu_hour_estimates(results["geometries"]["full"])
+        _add_estimates(results)
         write_json(args.out, results)
         print(json.dumps(results["official_recipe_estimate"], indent=1))
         return
@@ -180,12 +191,7 @@ def main() -> None:
                 entry[stage] = t
                 print(name, stage, json.dumps(t), flush=True)
                 write_json(args.out, results)  # after every stage: a run cut off keeps what it measured
-    if "full" in results["geometries"]:
-        results["official_recipe_estimate"] = gpu_hour_estimates(results["geometries"]["full"])
-        results["official_recipe_estimate_basis"] = (
-            f"FLOPs per training image x iterations x global batch / {SUSTAINED_TFLOPS:g} TFLOP/s sustained per GPU; "
-            "FlopCounterMode counts (grid_sample, matching and losses not counted): a lower bound"
-        )
+    _add_estimates(results)
     write_json(args.out, results)
     print(f"wrote {args.out}")
 

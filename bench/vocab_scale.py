@@ -25,13 +25,16 @@ Writes bench/results/vocab_scale.json.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _common import RESULTS, SAMPLE_IMAGES, copy_images, machine_info, median_time, write_json
+from PIL import Image
 
 from masqclip_cli.inference.engine import RunOptions, segment
 from masqclip_cli.inference.postprocess import PostprocessConfig
@@ -115,8 +118,6 @@ def text_bank_rows(sizes: list[int], text_model: str, repeats: int, tmp: Path) -
 
 def _output_counts(out_dir: Path) -> dict[str, int]:
     """Segments / instances a run wrote (to show whether two runs produced the same output)."""
-    import json
-
     counts = {}
     panoptic = out_dir / "panoptic.json"
     if panoptic.is_file():
@@ -132,7 +133,7 @@ def segment_overhead(args: argparse.Namespace, tmp: Path) -> dict:
     """Three arms, interleaved: the small vocabulary, the large one as encoded (its own random-model outputs), and
     the large one with its outputs held fixed -- the small vocabulary's classes first, the other classes given one
     embedding opposite to the model's mask embeddings, so that they win no query and the run writes what the small
-    run writes (checked by counting segments and instances): only the per-class cost remains."""
+    run writes (``same_output_as_small`` records whether it did, by counting segments and instances)."""
     model = load_model(args.segment_model)
     cache = TextEmbeddingCache(tmp / "segment_cache")
     images = tmp / "images"
@@ -145,21 +146,19 @@ def segment_overhead(args: argparse.Namespace, tmp: Path) -> dict:
     model.set_vocabulary(vocab_small, cache=cache)
     bank_small = model.text_embeddings.clone()  # (small + 1, D), background last
     # The direction opposite to this model's mask embeddings (the mean over the first image's queries): the extra
-    # classes' similarity is then far below the real classes' and, at CLIP's logit scale of 100, p_clip ≈ 0.
-    import numpy as np
-    from PIL import Image
-
+    # classes' similarity is then far below the real classes' (at CLIP's logit scale of 100, p_clip is small).
     rgb = np.asarray(Image.open(sorted(images.iterdir())[0]).convert("RGB"))
     with torch.inference_mode():
         (out,) = model([torch.from_numpy(rgb.copy()).permute(2, 0, 1)])
     far = torch.nn.functional.normalize(-out.embeddings.float().mean(dim=0), dim=0)
     bank_fixed = torch.cat([bank_small[:small], far.expand(large - small, -1), bank_small[small:]])
-    arms = {"small": small, "large": large, "large_fixed": large}
+    arms = ("small", "large", "large_fixed")
     result: dict = {"model": args.segment_model, "images": args.segment_images, "short_side": args.short_side,
                     "vocabularies": [small, large], "repeats": args.repeats,
                     "arms": {"small": f"{small} classes", "large": f"{large} classes, cached, as encoded",
-                             "large_fixed": f"{large} classes, cached bank, extra classes never chosen (same output "
-                                            "as 'small')"},
+                             "large_fixed": f"{large} classes, cached bank, the extra classes given one embedding "
+                                            "opposite to the mask embeddings (meant to write what 'small' writes: "
+                                            "see same_output_as_small)"},
                     "by_tasks": []}
     counter = 0
     for task_spec in args.segment_tasks:
@@ -181,12 +180,12 @@ def segment_overhead(args: argparse.Namespace, tmp: Path) -> dict:
                     vocab = vocab_small if arm == "small" else vocab_large
                     model.set_vocabulary(vocab, cache=cache)
                 vocab_s = time.perf_counter() - start
-                out = tmp / f"seg_{counter}"
-                summary = segment(model, vocab, str(images), out, options, model_id=f"bench-{arm}")
+                out_dir = tmp / f"seg_{counter}"
+                summary = segment(model, vocab, str(images), out_dir, options, model_id=f"bench-{arm}")
                 wall = time.perf_counter() - start
                 if model.text_encoder.calls != calls or summary.done != args.segment_images:
                     raise SystemExit("segment run was not a cached run over every image")
-                counts[arm] = _output_counts(out)
+                counts[arm] = _output_counts(out_dir)
                 if rep:
                     walls[arm].append(wall)
                     parts[arm].append({"set_vocabulary": vocab_s, **summary.seconds})
