@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "category_ids",
     "PRESETS_DIR",
     "PRESET_NAMES",
     "PresetInfo",
@@ -293,6 +294,14 @@ class Vocabulary(collections.abc.Sequence[VocabClass]):
     def ids(self) -> list[int]:
         """Per class, its id if given, else its contiguous index."""
         return [i if c.id is None else c.id for i, c in enumerate(self._classes)]
+
+    def category_ids(self) -> list[int]:
+        """Per class, the category id written to every output: the vocabulary's ids when it gives any, else 1..N
+        in vocabulary order (0 stays free for "unlabelled"). A vocabulary that gives some ids but not all uses
+        :attr:`ids` (given id, else contiguous index)."""
+        if all(c.id is None for c in self):
+            return list(range(1, len(self) + 1))
+        return list(self.ids)
 
     def colors(self) -> list[tuple[int, int, int]]:
         """Per class, its given colour, else a deterministic palette colour for its index."""
@@ -745,3 +754,9 @@ def read_templates(spec: str | Path | None) -> list[str] | None:
             "no such templates file (use 'none', 'vild' or a file with one template per line)", str(path)
         )
     return _parse_templates(_read_text_file(path, "templates file"), str(path))
+
+
+def category_ids(vocab: Vocabulary) -> list[int]:
+    """:meth:`Vocabulary.category_ids` of ``vocab`` (the ids every output writes)."""
+    return vocab.category_ids()
+

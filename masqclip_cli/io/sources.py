@@ -93,6 +93,7 @@ __all__ = [
     "decode_item",
     "iter_items",
     "iter_video_frames",
+    "pil_to_rgb",
     "spec_kind",
 ]
 
@@ -652,6 +653,17 @@ def decode_item(item: SourceItem) -> DecodedImage:
             except Exception as e:
                 raise SkipItem(item.id, f"cannot convert {oriented.mode!r} image to RGB: {_exc_text(e)}") from None
     return DecodedImage(item, rgb)
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """An opened PIL image as decoded items are: EXIF orientation applied, any mode to ``(H, W, 3)`` uint8 RGB
+    (alpha dropped, 16-bit and float greys scaled; see the module doc). ValueError for a mode that cannot be
+    converted."""
+    try:
+        oriented = ImageOps.exif_transpose(im, in_place=False)
+    except Exception:  # a broken EXIF block: keep the stored orientation
+        oriented = im
+    return _to_rgb(oriented if oriented is not None else im)
 
 
 def _check_file(item: SourceItem) -> None:

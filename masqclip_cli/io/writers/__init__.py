@@ -11,28 +11,23 @@ jsonl      ``predictions.jsonl``, or one line per item on a stream              
 =========  ====================================================================  =====================
 
 ``<id>`` is the item id with the suffix appended (``a.jpg`` -> ``a.jpg.png``), see :func:`output_path`.
+
+A format is one module in this package: a :class:`Writer` subclass with a ``name`` registers itself (the class
+declares the tasks it needs, its options, its default task), and every module here is imported below, so adding a
+format touches no other file; the CLI's ``--format`` list and the task checks read :data:`WRITERS`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Sequence
+import pkgutil
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from masqclip_cli.vocab import Vocabulary
 
-from .base import (
-    ItemInfo,
-    Writer,
-    atomic_save_png,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    category_ids,
-    needed_tasks,
-    output_path,
-    remove_stale_temp_files,
-)
+from .base import REGISTERED_WRITERS, TASKS, ItemInfo, Writer, needed_tasks
 from .coco import CocoWriter
 from .jsonl import JsonlWriter
 from .labels import LabelsWriter
@@ -40,6 +35,7 @@ from .overlay import OverlayWriter
 from .panoptic import PanopticWriter
 
 __all__ = [
+    "TASKS",
     "WRITERS",
     "CocoWriter",
     "ItemInfo",
@@ -48,21 +44,26 @@ __all__ = [
     "OverlayWriter",
     "PanopticWriter",
     "Writer",
-    "atomic_save_png",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "category_ids",
+    "check_formats",
+    "default_formats",
     "make_writers",
+    "missing_tasks",
     "needed_tasks",
-    "output_path",
-    "remove_stale_temp_files",
+    "parse_formats",
 ]
 
-#: Every output format, by ``--format`` name.
-WRITERS: dict[str, type[Writer]] = {
-    cls.name: cls for cls in (CocoWriter, PanopticWriter, LabelsWriter, OverlayWriter, JsonlWriter)
-}
+
+def _import_format_modules() -> None:
+    """Import every module of this package (each registers its writers), the built-in ones above first."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_format_modules()
+
+#: Every output format, by ``--format`` name, in registration order (the built-in five first).
+WRITERS: dict[str, type[Writer]] = dict(REGISTERED_WRITERS)
 
 
 def make_writers(
@@ -77,6 +78,22 @@ def make_writers(
     Each writer gets only the options it declares (``Writer.option_defaults``), so one options dict can serve every
     format; an option that no known format declares is a ValueError, as is an unknown format.
     """
+    names = parse_formats(formats)
+    declared = {opt for cls in WRITERS.values() for opt in cls.option_defaults}
+    stray = sorted(set(options) - declared)
+    if stray:
+        raise ValueError(f"unknown writer option(s) {', '.join(stray)}; known options: {', '.join(sorted(declared))}")
+    writers = []
+    for name in names:
+        cls = WRITERS[name]
+        own = {k: v for k, v in options.items() if k in cls.option_defaults}
+        writers.append(cls(out_dir, vocab, **own))
+    return writers
+
+
+def parse_formats(formats: Sequence[str] | str) -> list[str]:
+    """Format names from :data:`WRITERS` (an entry may hold several separated by commas; case and repeats ignored),
+    in the order given; an unknown name is a ValueError."""
     if isinstance(formats, str):
         formats = [formats]
     names: list[str] = []
@@ -91,13 +108,33 @@ def make_writers(
             f"unknown output format{'s' if len(unknown) > 1 else ''} {', '.join(repr(n) for n in unknown)}; "
             f"known formats: {', '.join(WRITERS)}"
         )
-    declared = {opt for cls in WRITERS.values() for opt in cls.option_defaults}
-    stray = sorted(set(options) - declared)
-    if stray:
-        raise ValueError(f"unknown writer option(s) {', '.join(stray)}; known options: {', '.join(sorted(declared))}")
-    writers = []
-    for name in names:
+    return names
+
+
+def default_formats(tasks: Iterable[str]) -> tuple[str, ...]:
+    """The default format of each task, in the tasks' order (the writer whose ``default_for_task`` it is)."""
+    by_task = {cls.default_for_task: name for name, cls in WRITERS.items() if cls.default_for_task}
+    return tuple(dict.fromkeys(by_task[t] for t in tasks))
+
+
+def missing_tasks(formats: Sequence[str] | str, tasks: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """For each format that ``tasks`` cannot feed, what is missing: all of its writer's ``tasks`` that are absent,
+    or (for an ``any_of_tasks`` writer with none of them) those alternatives, the preferred first."""
+    have = set(tasks)
+    missing: dict[str, tuple[str, ...]] = {}
+    for name in parse_formats(formats):
         cls = WRITERS[name]
-        own = {k: v for k, v in options.items() if k in cls.option_defaults}
-        writers.append(cls(out_dir, vocab, **own))
-    return writers
+        absent = tuple(t for t in sorted(cls.tasks) if t not in have)
+        if absent:
+            missing[name] = absent
+        elif cls.any_of_tasks and not have.intersection(cls.any_of_tasks):
+            missing[name] = tuple(cls.any_of_tasks)
+    return missing
+
+
+def check_formats(formats: Sequence[str] | str, tasks: Iterable[str]) -> None:
+    """ValueError (naming the format and the task to add) when a format needs a task that ``tasks`` lacks. Call it
+    before loading a model, so a run that cannot write what was asked for never starts."""
+    for name, absent in missing_tasks(formats, tasks).items():
+        joiner = " or " if set(absent) <= set(WRITERS[name].any_of_tasks) else " and "
+        raise ValueError(f"format {name} needs task {joiner.join(absent)}")

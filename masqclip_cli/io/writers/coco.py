@@ -8,19 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from masqclip_cli.inference.result import Segmentation
+from masqclip_cli.io.files import atomic_write_json_stream
+from masqclip_cli.structures import Segmentation
+from masqclip_cli.structures.masks import round_score
 
-from .base import (
-    ItemInfo,
-    Writer,
-    atomic_write_json_stream,
-    check_size,
-    coco_images,
-    encode_rle,
-    mask_stats,
-    ranked_records,
-    round_score,
-)
+from .base import ItemInfo, Writer, check_size, coco_images, ranked_records
 
 __all__ = ["CocoWriter"]
 
@@ -35,32 +27,19 @@ class CocoWriter(Writer):
 
     name = "coco"
     tasks = frozenset({"instance"})
+    default_for_task = "instance"
     file_name = "instances.json"
 
     def write_item(self, item: ItemInfo, seg: Segmentation, image: np.ndarray | None = None) -> dict:
-        size = check_size(item, seg)
+        check_size(item, seg)
         if seg.instances is None:
             raise ValueError(f"item {item.id!r}: the coco writer needs instance results (task 'instance')")
-        annotations: list[dict[str, Any]] = []
         for inst in seg.instances:
-            index = self._category(inst.category)
-            if inst.mask is None:
-                raise ValueError(f"item {item.id!r}: instance {inst.id} has no mask")
-            mask = np.asarray(inst.mask, dtype=bool)
-            if mask.shape != size:
-                raise ValueError(f"item {item.id!r}: instance {inst.id} mask is {mask.shape}, the image {size}")
-            area, bbox = mask_stats(mask)
-            if area == 0:
-                continue
-            annotations.append(
-                {
-                    "category_id": self.category_ids[index],
-                    "segmentation": encode_rle(mask),
-                    "area": area,
-                    "bbox": bbox,
-                    "score": round_score(inst.score),
-                }
-            )
+            self._category(inst.category)
+        try:
+            annotations = seg.to_coco(category_ids=self.category_ids)
+        except ValueError as exc:
+            raise ValueError(f"item {item.id!r}: {exc}") from None
         return {"annotations": annotations}
 
     def finalize(self, records) -> list[Path]:

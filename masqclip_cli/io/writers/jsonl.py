@@ -8,20 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from masqclip_cli.inference.result import Segmentation
+from masqclip_cli.io.files import atomic_write_chunks, dumps_json
+from masqclip_cli.structures import Segmentation
+from masqclip_cli.structures.masks import encode_rle, round_score, segment_stats
 
-from .base import (
-    ItemInfo,
-    Writer,
-    atomic_write_chunks,
-    check_size,
-    dumps_json,
-    encode_rle,
-    mask_stats,
-    ranked_records,
-    round_score,
-    segment_stats,
-)
+from .base import ItemInfo, Writer, check_size, ranked_records
 
 __all__ = ["JsonlWriter"]
 
@@ -52,7 +43,7 @@ class JsonlWriter(Writer):
         names, isthing = self.vocab.names, self.vocab.isthing
         segments: list[dict[str, Any]] = []
 
-        def add(sid: int, category: int, score: float, area: int, bbox: list[int], mask: np.ndarray) -> None:
+        def add(sid: int, category: int, score: float, area: int, bbox: list[int], rle: dict[str, Any]) -> None:
             index = self._category(category)
             segments.append(
                 {
@@ -63,20 +54,19 @@ class JsonlWriter(Writer):
                     "isthing": bool(isthing[index]),
                     "bbox": bbox,
                     "area": area,
-                    "rle": encode_rle(mask),
+                    "rle": rle,
                 }
             )
 
         if seg.instances is not None:
             for inst in seg.instances:
-                if inst.mask is None:
-                    raise ValueError(f"item {item.id!r}: instance {inst.id} has no mask")
-                mask = np.asarray(inst.mask, dtype=bool)
-                if mask.shape != size:
-                    raise ValueError(f"item {item.id!r}: instance {inst.id} mask is {mask.shape}, the image {size}")
-                area, bbox = mask_stats(mask)
-                if area:
-                    add(inst.id, inst.category, inst.score, area, bbox, mask)
+                self._category(inst.category)
+            try:
+                pairs = seg.coco_instances(category_ids=self.category_ids)
+            except ValueError as exc:
+                raise ValueError(f"item {item.id!r}: {exc}") from None
+            for inst, ann in pairs:
+                add(inst.id, inst.category, inst.score, ann["area"], ann["bbox"], ann["segmentation"])
         elif seg.panoptic is not None:
             pan = np.asarray(seg.panoptic)
             if pan.shape != size:
@@ -88,7 +78,7 @@ class JsonlWriter(Writer):
                     x, y, w, h = bbox
                     mask = np.zeros(size, dtype=bool)
                     mask[y : y + h, x : x + w] = cleaned[y : y + h, x : x + w] == int(s.id)
-                    add(s.id, s.category, s.score, area, bbox, mask)
+                    add(s.id, s.category, s.score, area, bbox, encode_rle(mask))
         else:
             raise ValueError(f"item {item.id!r}: the jsonl writer needs instance or panoptic results")
         obj = {"id": item.id, "width": int(item.width), "height": int(item.height), "segments": segments}

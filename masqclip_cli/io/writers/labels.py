@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from masqclip_cli.inference.result import Segmentation
+from masqclip_cli.io.files import atomic_save_png, atomic_write_json, output_path
+from masqclip_cli.structures import Segmentation
 
-from .base import ItemInfo, Writer, atomic_save_png, atomic_write_json, check_size, output_path
+from .base import ItemInfo, Writer, check_size
 
 __all__ = ["LabelsWriter"]
 
@@ -27,6 +28,7 @@ class LabelsWriter(Writer):
 
     name = "labels"
     tasks = frozenset({"semantic"})
+    default_for_task = "semantic"
     option_defaults = {"palette": False}
     kind = "labels"
     color_kind = "labels_color"

@@ -9,9 +9,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from masqclip_cli.inference.result import Segmentation
+from masqclip_cli.io.files import atomic_save_png, atomic_write_bytes, output_path
+from masqclip_cli.structures import Segmentation
+from masqclip_cli.structures.masks import segment_stats
 
-from .base import ItemInfo, Writer, atomic_save_png, atomic_write_bytes, check_size, output_path, segment_stats
+from .base import ItemInfo, Writer, check_size
 
 __all__ = ["OverlayWriter", "Region", "render_overlay"]
 

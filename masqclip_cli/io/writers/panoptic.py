@@ -8,38 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from masqclip_cli.inference.result import Segmentation
+from masqclip_cli.io.files import atomic_save_png, atomic_write_json_stream, output_path
+from masqclip_cli.structures import Segmentation
+from masqclip_cli.structures.masks import round_score
 
-from .base import (
-    ItemInfo,
-    Writer,
-    atomic_save_png,
-    atomic_write_json_stream,
-    check_size,
-    coco_images,
-    output_path,
-    ranked_records,
-    round_score,
-    segment_stats,
-)
+from .base import ItemInfo, Writer, check_size, coco_images, ranked_records
 
-__all__ = ["PanopticWriter", "id_to_rgb", "rgb_to_id"]
-
-MAX_SEGMENT_ID = 256**3 - 1
-
-
-def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B (the COCO panoptic encoding)."""
-    id_map = np.asarray(id_map, dtype=np.int64)
-    if id_map.size and (id_map.min() < 0 or id_map.max() > MAX_SEGMENT_ID):
-        raise ValueError(f"panoptic segment ids must be in 0..{MAX_SEGMENT_ID}")
-    return np.stack([id_map & 255, (id_map >> 8) & 255, (id_map >> 16) & 255], axis=-1).astype(np.uint8)
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) COCO panoptic PNG pixels -> (H, W) int64 segment ids."""
-    rgb = np.asarray(rgb, dtype=np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+__all__ = ["PanopticWriter"]
 
 
 class PanopticWriter(Writer):
@@ -54,6 +29,7 @@ class PanopticWriter(Writer):
 
     name = "panoptic"
     tasks = frozenset({"panoptic"})
+    default_for_task = "panoptic"
     kind = "panoptic"
     file_name = "panoptic.json"
 
@@ -71,28 +47,14 @@ class PanopticWriter(Writer):
         pan = np.asarray(seg.panoptic)
         if pan.shape != size:
             raise ValueError(f"item {item.id!r}: panoptic map is {pan.shape}, the image {size}")
-        segments = sorted(seg.segments, key=lambda s: int(s.id))
-        ids = [int(s.id) for s in segments]
-        if any(not 0 < i <= MAX_SEGMENT_ID for i in ids) or len(set(ids)) != len(ids):
-            raise ValueError(f"item {item.id!r}: segment ids must be distinct and in 1..{MAX_SEGMENT_ID}")
-        cleaned, areas, bboxes = segment_stats(pan, ids)
-        infos: list[dict[str, Any]] = []
-        for s, area, bbox in zip(segments, areas, bboxes):
-            index = self._category(s.category)
-            if area == 0:
-                continue
-            infos.append(
-                {
-                    "id": int(s.id),
-                    "category_id": self.category_ids[index],
-                    "iscrowd": 0,
-                    "bbox": bbox,
-                    "area": area,
-                    "score": round_score(s.score),
-                }
-            )
+        for s in seg.segments:
+            self._category(s.category)
+        try:
+            png, infos = seg.to_panoptic(category_ids=self.category_ids)
+        except ValueError as exc:
+            raise ValueError(f"item {item.id!r}: {exc}") from None
         path = self._png_path(item)
-        atomic_save_png(path, id_to_rgb(cleaned))
+        atomic_save_png(path, png)
         return {"file_name": path.relative_to(self.out_dir / self.kind).as_posix(), "segments_info": infos}
 
     def finalize(self, records) -> list[Path]:

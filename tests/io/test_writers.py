@@ -17,7 +17,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from masqclip_cli.inference.result import Segment, Segmentation, mask_bbox
+from masqclip_cli.io import files as wfiles
+from masqclip_cli.io.files import atomic_write_bytes, atomic_write_text, output_path, remove_stale_temp_files
 from masqclip_cli.io.writers import (
     WRITERS,
     CocoWriter,
@@ -26,21 +27,18 @@ from masqclip_cli.io.writers import (
     LabelsWriter,
     OverlayWriter,
     PanopticWriter,
-    atomic_write_bytes,
-    atomic_write_text,
-    category_ids,
     make_writers,
     needed_tasks,
-    output_path,
-    remove_stale_temp_files,
 )
 from masqclip_cli.io.writers import base as wbase
-from masqclip_cli.io.writers.panoptic import id_to_rgb, rgb_to_id
-from masqclip_cli.vocab import VocabClass, Vocabulary
+from masqclip_cli.structures import Segment, Segmentation
+from masqclip_cli.structures import masks as wmasks
+from masqclip_cli.structures.masks import id_to_rgb, mask_bbox, rgb_to_id
+from masqclip_cli.vocab import VocabClass, Vocabulary, category_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools decode
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-panoptic-sample"
+SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco-panoptic-sample"
 
 # --- fixtures -------------------------------------------------------------------------------------------------------
 
@@ -191,7 +189,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(wbase.os, "replace", boom)
+    monkeypatch.setattr(wfiles.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old"
@@ -202,8 +200,8 @@ def test_remove_stale_temp_files(tmp_path, monkeypatch):
     def die(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(wbase.os, "unlink", lambda p: None)  # as if the process died before cleaning up
-    monkeypatch.setattr(wbase.os, "replace", die)
+    monkeypatch.setattr(wfiles.os, "unlink", lambda p: None)  # as if the process died before cleaning up
+    monkeypatch.setattr(wfiles.os, "replace", die)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_bytes(tmp_path / "panoptic" / "sub" / "a.jpg.png", b"x")
     monkeypatch.undo()
@@ -225,8 +223,8 @@ def test_encode_png_modes_round_trip_and_are_deterministic():
         (rng.integers(0, 3, (5, 7), dtype=np.uint8), "P", [(0, 0, 0), (255, 0, 0), (0, 255, 0)]),
     ]
     for array, mode, palette in cases:
-        data = wbase.encode_png(array, palette=palette)
-        assert data == wbase.encode_png(array.copy(), palette=palette)
+        data = wfiles.encode_png(array, palette=palette)
+        assert data == wfiles.encode_png(array.copy(), palette=palette)
         image = Image.open(io.BytesIO(data))
         assert image.mode == mode
         assert image.info.keys() <= {"transparency", "gamma", "dpi"}  # no text / time metadata
@@ -234,7 +232,7 @@ def test_encode_png_modes_round_trip_and_are_deterministic():
         if palette:
             assert image.getpalette()[:9] == [0, 0, 0, 255, 0, 0, 0, 255, 0]
     with pytest.raises(ValueError):
-        wbase.encode_png(np.zeros((2, 2), np.float32))
+        wfiles.encode_png(np.zeros((2, 2), np.float32))
 
 
 @pytest.mark.parametrize("big", [70000, 5_000_000], ids=["lookup", "search"])
@@ -243,7 +241,7 @@ def test_segment_stats_matches_brute_force(big):
     values = [0, 3, 7, big, 12] + ([-4] if big > 70000 else [])
     id_map = rng.choice(values, size=(13, 17)).astype(np.int32)
     ids = [7, 3, big, 99]  # 12 (and -4) are not listed -> cleaned to 0; 99 is absent
-    cleaned, areas, bboxes = wbase.segment_stats(id_map, ids)
+    cleaned, areas, bboxes = wmasks.segment_stats(id_map, ids)
     np.testing.assert_array_equal(cleaned, np.where(np.isin(id_map, ids), id_map, 0))
     for sid, area, bbox in zip(ids, areas, bboxes):
         mask = id_map == sid
@@ -251,15 +249,15 @@ def test_segment_stats_matches_brute_force(big):
         assert bbox == [int(v) for v in mask_bbox(mask)]
     assert bboxes[-1] == [0, 0, 0, 0]
     with pytest.raises(ValueError):
-        wbase.segment_stats(id_map, [3, 3])
+        wmasks.segment_stats(id_map, [3, 3])
 
 
 def test_round_score():
-    assert wbase.round_score(np.float32(0.1)) == 0.1
-    assert wbase.round_score(0.1234567891) == 0.123457
-    assert json.dumps(wbase.round_score(-0.0)) == "0.0"
+    assert wmasks.round_score(np.float32(0.1)) == 0.1
+    assert wmasks.round_score(0.1234567891) == 0.123457
+    assert json.dumps(wmasks.round_score(-0.0)) == "0.0"
     with pytest.raises(ValueError):
-        wbase.round_score(float("nan"))
+        wmasks.round_score(float("nan"))
 
 
 def test_make_writers(tmp_path):
@@ -344,7 +342,7 @@ def test_coco_loads_in_pycocotools_and_self_evaluates_to_ap_1(tmp_path, vocab):
 
 def test_coco_skips_empty_masks_and_needs_instances(tmp_path):
     item, seg = dataset()[0]
-    seg.instances.append(Segment(9, 0, 0.5, True, 0, (0, 0, 0, 0), mask=np.zeros(seg.image_size, bool)))
+    seg.instances = [*seg.instances, Segment(9, 0, 0.5, True, 0, (0, 0, 0, 0), mask=np.zeros(seg.image_size, bool))]
     record = CocoWriter(tmp_path, VOCAB_NOIDS).write_item(item, seg, None)
     assert len(record["annotations"]) == 3
     with pytest.raises(ValueError, match="instance"):
@@ -722,9 +720,9 @@ def test_panoptic_writer_reproduces_real_coco_panoptic_ground_truth(tmp_path):
 
 
 def test_overlay_falls_back_to_semantic_when_panoptic_is_empty(tmp_path):
-    from masqclip_cli.inference.result import Segmentation
     from masqclip_cli.io.writers import make_writers
     from masqclip_cli.io.writers.base import ItemInfo
+    from masqclip_cli.structures import Segmentation
     from masqclip_cli.vocab import load_vocabulary
 
     vocab = load_vocabulary("a; b [stuff]")
@@ -759,25 +757,25 @@ def test_json_stream_equals_json_of_the_materialised_object(tmp_path):
     for n in (0, 1, 5):
         obj = {"images": [{"id": 1}], "annotations": gen(n), "empty": iter(()), "mixed": [1, iter([2, 3]), "x"]}
         expected = tmp_path / f"expected{n}.json"
-        wbase.atomic_write_json(expected, materialise(
+        wfiles.atomic_write_json(expected, materialise(
             {"images": [{"id": 1}], "annotations": gen(n), "empty": iter(()), "mixed": [1, iter([2, 3]), "x"]}
         ))
-        streamed = wbase.atomic_write_json_stream(tmp_path / f"streamed{n}.json", obj)
+        streamed = wfiles.atomic_write_json_stream(tmp_path / f"streamed{n}.json", obj)
         assert streamed.read_bytes() == expected.read_bytes()
         json.loads(streamed.read_text())
     with pytest.raises(ValueError):
-        wbase.atomic_write_json_stream(tmp_path / "nan.json", {"a": iter([float("nan")])})
+        wfiles.atomic_write_json_stream(tmp_path / "nan.json", {"a": iter([float("nan")])})
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "nan.json").exists()
 
 
 def test_stream_write_keeps_an_identical_file_and_replaces_a_different_one(tmp_path):
     path = tmp_path / "a.txt"
-    wbase.atomic_write_chunks(path, iter(["x\n", "y\n"]))
+    wfiles.atomic_write_chunks(path, iter(["x\n", "y\n"]))
     before = path.stat().st_mtime_ns
     os.utime(path, ns=(before - 10**9, before - 10**9))
-    wbase.atomic_write_chunks(path, iter(["x\n", "y\n"]))  # same bytes: the file is left as it was
+    wfiles.atomic_write_chunks(path, iter(["x\n", "y\n"]))  # same bytes: the file is left as it was
     assert path.stat().st_mtime_ns == before - 10**9
-    wbase.atomic_write_chunks(path, iter(["x\n", "z" * (3 << 20), "\n"]))  # larger than the write buffer
+    wfiles.atomic_write_chunks(path, iter(["x\n", "z" * (3 << 20), "\n"]))  # larger than the write buffer
     assert path.read_text() == "x\n" + "z" * (3 << 20) + "\n"
 
 
