@@ -169,5 +169,5 @@ def install_stage_timers(model) -> dict[str, float]:  # noqa: ANN001 - a MasQCLI
     wrap(model.proposals.predictor, "forward", "transformer_decoder")
     wrap(model.masq, "attention_masks", "clip")
     wrap(model.masq, "forward", "clip")
-    wrap(masqclip_module, "classify", "classifier")  # looked up as a module global by MasQCLIP._forward_bucket
+    wrap(masqclip_module, "classify", "classifier")  # looked up as a module global by MasQCLIP.forward_padded
     return acc

@@ -15,7 +15,8 @@ Steps (each with `masqclip`'s own library calls, exactly as on COCO):
 6. evaluate on the held-out split (PQ / mIoU / mask AP, all / base / novel), proposal recall of the teacher and of an
    untrained network, mask-label accuracy of the tuned and the untuned (f_Q' = f_Q copy) model;
 7. write the report (`<work>/report.json`, `docs/demo-model.md`) and install the model as
-   `samples/demo.safetensors` with the full shapes vocabulary, and sample scenes into `samples/images`.
+   `masqclip_cli/models/demo.safetensors` (package data) with the full shapes vocabulary, and sample scenes into
+   `samples/images`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+#: Where the shipped demo model lives: package data of masqclip_cli (BUNDLED_MODELS_DIR of the model registry).
+DEMO_MODEL_PATH = REPO / "masqclip_cli" / "models" / "demo.safetensors"
 
 
 @dataclass
@@ -107,7 +110,9 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
     from masqclip_cli.inference.postprocess import PostprocessConfig
     from masqclip_cli.modeling.factory import load_model, save_model
     from masqclip_cli.modeling.proposals.network import build_proposal_network
-    from masqclip_cli.training import shapes_clip
+    if str(REPO / "scripts") not in sys.path:  # also when this file is loaded by path (the tests do)
+        sys.path.insert(0, str(REPO / "scripts"))
+    import shapes_clip  # scripts/shapes_clip.py: not part of the installed package
 
     torch.manual_seed(0)
     timings: dict[str, float] = {}
@@ -226,7 +231,7 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
     report["model"] = {"path": str(model_path), "bytes": model_path.stat().st_size}
     (work / "report.json").write_text(json.dumps(report, indent=1, default=str))
     if install:
-        target = REPO / "samples" / "demo.safetensors"
+        target = DEMO_MODEL_PATH
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         shutil.copyfile(model_path, tmp)
@@ -281,7 +286,7 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
     lines = [
         "# The demo model",
         "",
-        f"`--model demo` (`samples/demo.safetensors`, {report['model']['bytes'] / 2**20:.1f} MiB) is "
+        f"`--model demo` (`masqclip_cli/models/demo.safetensors`, {report['model']['bytes'] / 2**20:.1f} MiB) is "
         "the whole MasQCLIP recipe trained by `python scripts/build_demo_model.py` on the synthetic shapes world "
         f"(`masqclip synth`), from fixed seeds, on the project's 2-core CPU in {sec['total'] / 60:.0f} minutes. It "
         "knows only that world: 12 shapes (things) over 8 textured backgrounds (stuff); real photos give nonsense. "

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from masqclip_cli.modeling.factory import build_model, save_model
+from masqclip_cli.modeling.builder import build_model, save_model
 from masqclip_cli.modeling.masqclip import MasQCLIP
 from masqclip_cli.modeling.proposals.network import map_official_key
 
@@ -180,7 +180,7 @@ def convert_official(
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ConversionError(
             "checkpoint does not match the model: " + "; ".join(problems[:5]) + more
-            + " (use --allow-partial to convert anyway)"
+            + " (pass allow_partial=True to convert anyway and report what was skipped)"
         )
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     assert not unexpected, unexpected

@@ -71,6 +71,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from masqclip_cli.modeling.clip_loader import create_open_clip
+
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
@@ -658,7 +660,5 @@ def create_masq_visual(
     """Create an open_clip model (name or config dict; pretrained tag, local weights file or None for random init)
     and wrap its vision tower in a :class:`MasQVisual` (eval mode). The text tower is dropped; extra keyword
     arguments go to :class:`MasQVisual` (``num_heads``, ``extra_projections``, ``tune``)."""
-    from masqclip_cli.modeling.clip_loader import create_open_clip
-
     clip, _spec = create_open_clip(clip_model, pretrained)
     return MasQVisual(clip.visual, fq_init=fq_init, **kwargs).eval()

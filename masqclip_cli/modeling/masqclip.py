@@ -160,13 +160,25 @@ class MasQCLIP(nn.Module):
             buckets[self.padded_size(image.shape[1], image.shape[2])].append(index)
         results: list[ImageOutput | None] = [None] * len(images)
         for padded, indices in buckets.items():
-            for index, out in zip(indices, self._forward_bucket([images[i] for i in indices], padded, return_aux)):
+            for index, out in zip(indices, self.forward_padded([images[i] for i in indices], padded, return_aux)):
                 results[index] = out
         return results  # type: ignore[return-value]
 
-    def _forward_bucket(
-        self, images: list[torch.Tensor], padded: tuple[int, int], return_aux: bool
+    def forward_padded(
+        self, images: Sequence[torch.Tensor], padded: tuple[int, int], return_aux: bool = False
     ) -> list[ImageOutput]:
+        """The model on B images padded together to ``padded`` = (Hp, Wp) (a multiple of the size divisibility,
+        at least every image's size), with autograd as the caller has it: the training step of MasQ-tuning runs
+        this; :meth:`forward` runs it under ``no_grad`` once per group of images with the same padded size.
+
+        Args:
+            images: B tensors (3, H_i, W_i), RGB, uint8 or float in 0..255.
+            padded: (Hp, Wp), e.g. :meth:`padded_size` of the largest height and width.
+            return_aux: also return the auxiliary predictions.
+
+        Returns:
+            B :class:`ImageOutput`, in input order.
+        """
         device = self.masq.visual.conv1.weight.device
         dtype = self.masq.visual.conv1.weight.dtype
         images = [im.to(device) for im in images]

@@ -26,7 +26,7 @@ from masqclip_cli.modeling.proposals.pixel_decoder import (
     ms_deform_attn_sample,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 INVENTORY = REPO.parent / "shared" / "golden" / "inventory_proposal_teacher_R50.tsv"
 FEATS = ("res2", "res3", "res4", "res5")
 

@@ -10,11 +10,14 @@ bottleneck width of res{k} = ``num_groups * width_per_group * 2**(k-2)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from masqclip_cli.modeling.proposals.backbones import register_backbone
 
 __all__ = [
     "BLOCKS_PER_STAGE",
@@ -24,6 +27,7 @@ __all__ = [
     "ConvNorm2d",
     "FrozenBatchNorm2d",
     "ResNet",
+    "build_resnet",
     "load_torchvision_resnet",
     "torchvision_resnet_key",
 ]
@@ -365,3 +369,22 @@ def load_torchvision_resnet(backbone: ResNet, state_dict: dict[str, Tensor]) -> 
         raise ValueError(f"the ResNet weights lack {len(missing)} backbone tensors, e.g. {missing[:3]}")
     backbone.load_state_dict(mapped, strict=True)
     return unused
+
+
+@register_backbone("resnet")
+def build_resnet(config: Mapping[str, Any]) -> ResNet:
+    """The detectron2-layout ResNet of a proposal config's ``backbone`` section: ``depth, stem_out_channels,
+    res2_out_channels, num_groups, width_per_group, stride_in_1x1, res5_dilation`` (optional ``in_channels`` = 3,
+    ``norm`` = ``"FrozenBN"``, the only norm supported)."""
+    if config.get("norm", "FrozenBN") != "FrozenBN":
+        raise ValueError(f"only FrozenBN backbones are supported, got norm {config['norm']!r}")
+    return ResNet(
+        depth=int(config["depth"]),
+        stem_out_channels=int(config["stem_out_channels"]),
+        res2_out_channels=int(config["res2_out_channels"]),
+        num_groups=int(config["num_groups"]),
+        width_per_group=int(config["width_per_group"]),
+        stride_in_1x1=bool(config.get("stride_in_1x1", False)),
+        res5_dilation=int(config.get("res5_dilation", 1)),
+        in_channels=int(config.get("in_channels", 3)),
+    )

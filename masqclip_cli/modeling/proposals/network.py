@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from masqclip_cli.modeling.proposals.backbones import build_backbone
+from masqclip_cli.modeling.proposals.pixel_decoder import MSDeformAttnPixelDecoder
 from masqclip_cli.modeling.proposals.transformer_decoder import MaskedAttentionDecoder
 
 __all__ = [
@@ -464,8 +466,10 @@ def build_proposal_network(config: Mapping[str, Any] | str) -> ProposalNetwork:
 
     The dict has the shape of a golden ``case.json`` (other keys are ignored):
 
-    * ``backbone``: ``depth, stem_out_channels, res2_out_channels, num_groups, width_per_group, stride_in_1x1,
-      res5_dilation`` (optional ``in_channels`` = 3, ``norm`` = ``"FrozenBN"``);
+    * ``backbone``: ``type`` (a :data:`~masqclip_cli.modeling.proposals.backbones.BACKBONES` name, default
+      ``resnet``) and that backbone's fields; for ``resnet``: ``depth, stem_out_channels, res2_out_channels,
+      num_groups, width_per_group, stride_in_1x1, res5_dilation`` (optional ``in_channels`` = 3, ``norm`` =
+      ``"FrozenBN"``);
     * ``pixel_decoder``: ``conv_dim, mask_dim, encoder_layers, heads, points, encoder_ffn, common_stride,
       deformable_levels`` (optional ``norm`` = ``"GN"``, ``gn_groups`` = 32);
     * ``transformer_decoder``: ``hidden_dim, heads, ffn, dec_layers, num_queries, pre_norm`` (optional
@@ -480,22 +484,7 @@ def build_proposal_network(config: Mapping[str, Any] | str) -> ProposalNetwork:
             raise ValueError(f"unknown proposal config {config!r}; known: {sorted(PROPOSAL_CONFIGS)}")
         config = PROPOSAL_CONFIGS[config]
     config = copy.deepcopy(dict(config))
-    from masqclip_cli.modeling.proposals.backbone import ResNet
-    from masqclip_cli.modeling.proposals.pixel_decoder import MSDeformAttnPixelDecoder
-
-    bb = config["backbone"]
-    if bb.get("norm", "FrozenBN") != "FrozenBN":
-        raise ValueError(f"only FrozenBN backbones are supported, got norm {bb['norm']!r}")
-    backbone = ResNet(
-        depth=int(bb["depth"]),
-        stem_out_channels=int(bb["stem_out_channels"]),
-        res2_out_channels=int(bb["res2_out_channels"]),
-        num_groups=int(bb["num_groups"]),
-        width_per_group=int(bb["width_per_group"]),
-        stride_in_1x1=bool(bb.get("stride_in_1x1", False)),
-        res5_dilation=int(bb.get("res5_dilation", 1)),
-        in_channels=int(bb.get("in_channels", 3)),
-    )
+    backbone = build_backbone(config["backbone"])
 
     pd = config["pixel_decoder"]
     if pd.get("norm", "GN") != "GN":
