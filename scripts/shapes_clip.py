@@ -1,5 +1,8 @@
 """Contrastive pre-training of a small CLIP for the synthetic shapes world (the demo model's CLIP).
 
+A script-side module, not part of the installed package: only the demo recipe uses it
+(``scripts/build_demo_model.py``, ``scripts/train_shapes_clip.py``, which import it from this folder).
+
 No pretrained CLIP can be downloaded on the project's machines, so the demo model's CLIP is trained here from
 scratch on the image-text pairs of :mod:`masqclip_cli.data.synthetic`: the 64x64 object and stuff crops with their
 captions (``"a photo of a red star"``, ``"a photo of the sky"``) and the whole scenes with their scene captions

@@ -7,7 +7,7 @@
 writes ``shapes-clip.safetensors`` (an open_clip state_dict), ``shapes-clip.json`` (its open_clip config) and
 ``shapes-clip.report.json`` (loss curve, time, zero-shot accuracy on a held-out split: base and novel). Load it with
 ``create_open_clip(json.load(open("shapes-clip.json")), "shapes-clip.safetensors")`` or
-``masqclip_cli.training.shapes_clip.load_shapes_clip(path)``. See :mod:`masqclip_cli.training.shapes_clip`.
+``load_shapes_clip(path)`` of ``scripts/shapes_clip.py`` (next to this script), which holds the trainer.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ except ImportError:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-
-from masqclip_cli.data.synthetic import DEFAULT_NOVEL
-from masqclip_cli.training.shapes_clip import (
+from shapes_clip import (  # scripts/shapes_clip.py: this script's folder is sys.path[0]
     SHAPES_CLIP_CONFIG,
     TrainConfig,
     ensure_split,
@@ -39,6 +37,8 @@ from masqclip_cli.training.shapes_clip import (
     train_clip,
     zero_shot_eval,
 )
+
+from masqclip_cli.data.synthetic import DEFAULT_NOVEL
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,29 +7,21 @@ loaded; each sample reads its own ground truth when asked (:meth:`EvalSample.sem
 demand. Every problem with the files is a :class:`DatasetError` whose message is one line naming the file, folder or
 id at fault.
 
-Datasets (:data:`DATASETS` holds the same facts for ``masqclip eval --help`` and the README)
--------------------------------------------------------------------------------------------
+The registry
+------------
+
+:data:`DATASETS` is the one table of datasets: one :class:`DatasetInfo` entry per name holds both its description
+(task, default layout, vocabulary, ignore convention, test resolution, how to prepare it) and its loader, the
+function :func:`load_dataset` calls. :func:`load_dataset` and the docs read it (:func:`datasets_markdown` writes
+docs/datasets.md, the page that lists every dataset and how to prepare it).
+Adding a dataset is adding one entry there: a dataset in a format already read (COCO panoptic JSON + PNGs,
+semantic label maps, a COCO instance JSON) needs only its entry (its default ``paths`` under root, its preset, ignore
+value and test size); a new format also needs its loader function.
 
 All default paths are relative to ``root`` (``--root``; default ``$DETECTRON2_DATASETS``, else ``./datasets``,
 the detectron2 convention), so one folder prepared for detectron2 / Mask2Former / FC-CLIP / MasQCLIP works as is.
 Path options (``images=``, ``panoptic_json=``, ``panoptic_dir=``, ``labels=``, ``annotations=``) replace a default
 path and are used as given (relative to the current directory, not to ``root``).
-
-============================  =========  ======================  ==============  =============
-name                          task       vocabulary              ignore          short / long
-============================  =========  ======================  ==============  =============
-coco-panoptic                 panoptic   coco-panoptic (ids)     0 (void)        800 / 1333
-ade20k-panoptic               panoptic   ade20k-150              0 (void)        640 / 2560
-ade20k-150                    semantic   ade20k-150              255 (or 0)      512 / 2048
-ade20k-847                    semantic   ade20k-847              65535           512 / 2048
-pascal-context-59             semantic   pascal-context-59       255             512 / 2048
-pascal-context-459            semantic   pascal-context-459      65535           512 / 2048
-coco-instance-65 / -48 / -17  instance   coco-instance-65 / ...  --              800 / 1333
-synthetic                     panoptic   its vocab.txt           0 (void)        256 / 1024
-generic-semantic              semantic   vocab=                  ignore_label=   640 / 2560
-generic-panoptic              panoptic   JSON categories         0 (void)        640 / 2560
-generic-instance              instance   JSON categories         --              800 / 1333
-============================  =========  ======================  ==============  =============
 
 Sample ids
 ----------
@@ -58,48 +50,13 @@ Ground truth conventions
 * Semantic label files hold one value per pixel; the value is the contiguous class index except for the original
   ADE20K-150 annotations (``annotations/``: 1..150, 0 = ignore, so index = value - 1). Any other value that is
   neither a class nor the ignore value is an error naming the file and the value.
-
-Preparing the datasets (what each :attr:`DatasetInfo.how_to_prepare` says)
---------------------------------------------------------------------------
-
-* **COCO** (``coco-panoptic``, ``coco-instance-*``): from https://cocodataset.org/#download take the 2017 Val
-  images (``val2017.zip``) and the 2017 panoptic annotations (``panoptic_annotations_trainval2017.zip``). Unzip the
-  images to ``coco/val2017/``; the panoptic archive holds ``annotations/panoptic_val2017.json`` (to
-  ``coco/annotations/``) and an inner ``panoptic_val2017.zip`` whose PNGs go to ``coco/panoptic_val2017/``. The
-  open-vocabulary instance splits additionally need the 2017 instance annotations
-  (``annotations_trainval2017.zip``, ``instances_val2017.json``) and the MasQCLIP repository's
-  ``datasets/prepare_coco_ovsplit.py``, which writes ``coco/annotations/ov_split_48_17/
-  instances_val2017_{instances65,seen48,unseen17}.json`` (the 65 = 48 seen + 17 unseen classes).
-* **ADE20K-150** (``ade20k-150``, ``ade20k-panoptic``): download ``ADEChallengeData2016.zip`` from the MIT scene
-  parsing benchmark (http://sceneparsing.csail.mit.edu/) and unzip it in ``root``. The original annotations
-  (``annotations/validation/``, 1..150 with 0 = unlabelled) are read as they are; detectron2's
-  ``datasets/prepare_ade20k_sem_seg.py`` (also shipped by Mask2Former and FC-CLIP) writes the shifted copy
-  ``annotations_detectron2/validation/`` (0..149, 255 = ignore), which is preferred when present. For panoptic,
-  also download the instance annotations ``annotations_instance.tar`` from the same site into
-  ``ADEChallengeData2016/`` and run Mask2Former's ``datasets/prepare_ade20k_pan_seg.py`` (needs panopticapi): it
-  writes ``ade20k_panoptic_val/`` (PNGs) and ``ade20k_panoptic_val.json``.
-* **ADE20K-847** (``ade20k-847``): register on https://groups.csail.mit.edu/vision/datasets/ADE20K/ and download
-  the full ADE20K release (``ADE20K_2021_17_01``); unzip it in ``root`` and run FC-CLIP's (or MaskCLIP / ODISE's)
-  ``datasets/prepare_ade20k_full_sem_seg.py``, which writes ``images_detectron2/validation/`` (JPEG) and
-  ``annotations_detectron2/validation/`` (16-bit TIFF, class 0..846, 65535 = ignore).
-* **PASCAL Context** (``pascal-context-59`` / ``-459``): download the VOC2010 train/val tar from
-  http://host.robots.ox.ac.uk/pascal/VOC/ (``VOCdevkit/VOC2010``), the PASCAL-Context ``trainval.tar.gz`` from
-  https://www.cs.stanford.edu/~roozbeh/pascal-context/ (into ``VOCdevkit/VOC2010/trainval``) and
-  ``trainval_merged.json`` (into ``VOCdevkit/VOC2010/``); install the Detail API
-  (https://github.com/zhanghang1989/detail-api) and run FC-CLIP's ``datasets/prepare_pascal_ctx_sem_seg.py``
-  (writes ``pascal_ctx_d2/images/validation/`` and ``annotations_ctx59/validation/``: PNG, 0..58, 255 = ignore) and
-  ``datasets/prepare_pascal_ctx_full_sem_seg.py`` (writes ``annotations_ctx459/validation/``: 16-bit TIFF, 0..458,
-  65535 = ignore).
-* **synthetic**: ``masqclip synth --out DIR`` (no download); pass ``DIR`` as ``root``.
-* **generic-***: any folder of images with contiguous-index label maps, a COCO panoptic JSON + PNG folder, or a COCO
-  instance JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -109,8 +66,8 @@ import pycocotools.mask as mask_util
 from PIL import Image, UnidentifiedImageError
 
 from masqclip_cli.io.sources import IMAGE_EXTENSIONS
-from masqclip_cli.io.writers.base import category_ids, encode_rle, segment_stats
-from masqclip_cli.vocab import Vocabulary, load_file, load_preset, load_vocabulary
+from masqclip_cli.structures.masks import encode_rle, segment_stats
+from masqclip_cli.vocab import Vocabulary, category_ids, load_file, load_preset, load_vocabulary
 
 __all__ = [
     "DATASETS",
@@ -124,7 +81,6 @@ __all__ = [
     "load_dataset",
 ]
 
-TASKS: tuple[str, ...] = ("panoptic", "semantic", "instance")
 #: Extensions of semantic label files (case-insensitive).
 LABEL_EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff")
 
@@ -322,7 +278,7 @@ class EvalDataset:
 
         ``images``: one per sample, ``id`` = 1-based rank of the sample id, ``file_name`` = the sample id, with
         ``height`` / ``width``. ``categories``: every vocabulary class with the category id the writers use
-        (:func:`~masqclip_cli.io.writers.base.category_ids`). ``annotations``: compressed RLE ``segmentation``,
+        (:func:`~masqclip_cli.vocab.category_ids`). ``annotations``: compressed RLE ``segmentation``,
         ``area``, ``bbox``, ``iscrowd``, ids 1..N. Panoptic datasets derive them from the thing segments (reads every
         panoptic PNG; crowd flags kept, empty segments left out); instance datasets convert their JSON (polygons and
         uncompressed RLE become compressed RLE; area, bbox and iscrowd kept).
@@ -431,12 +387,16 @@ def _to_rle(segmentation: Any, h: int, w: int, source: Path | None, ann_id: Any)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Dataset table
+# Registry entries (the registry itself, DATASETS, is at the end of the module, after the loaders it names)
+
+#: A dataset's loader: ``loader(info, root, options)`` -> the dataset; ``root`` is None when not given.
+Loader = Callable[["DatasetInfo", Path | None, dict], EvalDataset]
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Defaults of one dataset name, for :func:`load_dataset`, ``masqclip eval --help`` and the docs."""
+    """One dataset of the registry (:data:`DATASETS`): its description, for :func:`load_dataset` and the docs, and
+    its loader."""
 
     name: str
     task: str  # the kind of ground truth: panoptic, semantic or instance
@@ -450,228 +410,11 @@ class DatasetInfo:
     options: tuple[str, ...]  # the path options load_dataset accepts
     summary: str
     how_to_prepare: str
-
-
-_COCO_PREP = (
-    "Download the 2017 Val images (val2017.zip) and the 2017 panoptic annotations "
-    "(panoptic_annotations_trainval2017.zip) from https://cocodataset.org/#download. Unzip the images into "
-    "coco/val2017/; from the panoptic archive put annotations/panoptic_val2017.json into coco/annotations/ and unzip "
-    "the inner panoptic_val2017.zip into coco/panoptic_val2017/."
-)
-_COCO_OV_PREP = (
-    "Download val2017.zip and the 2017 instance annotations (annotations_trainval2017.zip, instances_val2017.json) "
-    "from https://cocodataset.org/#download; unzip the images into coco/val2017/ and the JSON into coco/annotations/. "
-    "Then run the MasQCLIP repository's datasets/prepare_coco_ovsplit.py, which filters instances_val2017.json into "
-    "coco/annotations/ov_split_48_17/instances_val2017_{instances65,seen48,unseen17}.json (65 classes = 48 seen + 17 "
-    "unseen)."
-)
-_ADE_PREP = (
-    "Download ADEChallengeData2016.zip from the MIT scene parsing benchmark (http://sceneparsing.csail.mit.edu/) and "
-    "unzip it into root."
-)
-_ADE_SEM_PREP = _ADE_PREP + (
-    " The original annotations/validation/ PNGs (1..150, 0 = unlabelled) are read as they are; detectron2's "
-    "datasets/prepare_ade20k_sem_seg.py (also in Mask2Former and FC-CLIP) writes annotations_detectron2/validation/ "
-    "(0..149, 255 = ignore), which is used instead when present."
-)
-_ADE_PAN_PREP = _ADE_PREP + (
-    " Also download the instance annotations (annotations_instance.tar, same site) into ADEChallengeData2016/, "
-    "install panopticapi and run Mask2Former's datasets/prepare_ade20k_pan_seg.py: it combines the semantic and "
-    "instance annotations into ade20k_panoptic_val/ (PNGs) and ade20k_panoptic_val.json (categories 0..149, matched "
-    "to the ade20k-150 vocabulary by name)."
-)
-_ADE847_PREP = (
-    "Register at https://groups.csail.mit.edu/vision/datasets/ADE20K/ and download the full ADE20K release "
-    "(ADE20K_2021_17_01); unzip it into root and run datasets/prepare_ade20k_full_sem_seg.py from FC-CLIP (the same "
-    "script ships with MaskCLIP / ODISE): it writes ADE20K_2021_17_01/images_detectron2/validation/ (JPEG) and "
-    "annotations_detectron2/validation/ (16-bit TIFF, classes 0..846, 65535 = ignore)."
-)
-_PASCAL_PREP = (
-    "Download the VOC2010 train/val tar from http://host.robots.ox.ac.uk/pascal/VOC/ (VOCdevkit/VOC2010/), the "
-    "PASCAL-Context trainval.tar.gz from https://www.cs.stanford.edu/~roozbeh/pascal-context/ (unpacked into "
-    "VOCdevkit/VOC2010/trainval/) and trainval_merged.json (into VOCdevkit/VOC2010/); install the Detail API "
-    "(https://github.com/zhanghang1989/detail-api). FC-CLIP's datasets/prepare_pascal_ctx_sem_seg.py writes "
-    "pascal_ctx_d2/images/validation/ and annotations_ctx59/validation/ (PNG, 0..58, 255 = ignore); "
-    "datasets/prepare_pascal_ctx_full_sem_seg.py writes annotations_ctx459/validation/ (16-bit TIFF, 0..458, "
-    "65535 = ignore)."
-)
-
-_SEM_OPTS = ("images", "labels", "vocab", "ignore_label")
-_PAN_OPTS = ("images", "panoptic_json", "panoptic_dir", "vocab")
-_INS_OPTS = ("images", "annotations", "vocab")
-
-
-def _info(name: str, task: str, layout: str, preset: str | None, **kw: Any) -> DatasetInfo:
-    defaults: dict[str, Any] = {
-        "panoptic": {"ignore_label": 0, "ignore": "0 (void segment id)", "options": _PAN_OPTS},
-        "semantic": {"options": _SEM_OPTS},
-        "instance": {"ignore_label": None, "ignore": "none", "options": _INS_OPTS},
-    }[task]
-    kw = {**defaults, **kw}
-    kw.setdefault("vocabulary", f"preset {preset}" if preset else "")
-    return DatasetInfo(name=name, task=task, layout=layout, preset=preset, **kw)
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    info.name: info
-    for info in (
-        _info(
-            "coco-panoptic",
-            "panoptic",
-            "coco/val2017/, coco/panoptic_val2017/, coco/annotations/panoptic_val2017.json",
-            "coco-panoptic",
-            short_side=800,
-            max_size=1333,
-            summary="COCO panoptic val2017: 5000 images, 133 classes (80 things, 53 stuff).",
-            how_to_prepare=_COCO_PREP,
-        ),
-        _info(
-            "ade20k-panoptic",
-            "panoptic",
-            "ADEChallengeData2016/images/validation/, ADEChallengeData2016/ade20k_panoptic_val/, "
-            "ADEChallengeData2016/ade20k_panoptic_val.json",
-            "ade20k-150",
-            short_side=640,
-            max_size=2560,
-            summary="ADE20K-150 panoptic val: 2000 images, 150 classes (100 things, 50 stuff); JSON categories are "
-            "matched to the preset by name.",
-            how_to_prepare=_ADE_PAN_PREP,
-        ),
-        _info(
-            "ade20k-150",
-            "semantic",
-            "ADEChallengeData2016/images/validation/ + ADEChallengeData2016/annotations_detectron2/validation/ "
-            "(else ADEChallengeData2016/annotations/validation/)",
-            "ade20k-150",
-            ignore_label=255,
-            ignore="255 (annotations_detectron2: classes 0..149) or 0 (original annotations: classes 1..150)",
-            short_side=512,
-            max_size=2048,
-            summary="ADE20K-150 semantic val: 2000 images, 150 classes.",
-            how_to_prepare=_ADE_SEM_PREP,
-        ),
-        _info(
-            "ade20k-847",
-            "semantic",
-            "ADE20K_2021_17_01/images_detectron2/validation/ + ADE20K_2021_17_01/annotations_detectron2/validation/",
-            "ade20k-847",
-            ignore_label=65535,
-            ignore="65535 (16-bit TIFF labels, classes 0..846)",
-            short_side=512,
-            max_size=2048,
-            summary="ADE20K-Full (847 classes) semantic val: 2000 images.",
-            how_to_prepare=_ADE847_PREP,
-        ),
-        _info(
-            "pascal-context-59",
-            "semantic",
-            "pascal_ctx_d2/images/validation/ + pascal_ctx_d2/annotations_ctx59/validation/",
-            "pascal-context-59",
-            ignore_label=255,
-            ignore="255 (PNG labels, classes 0..58)",
-            short_side=512,
-            max_size=2048,
-            summary="PASCAL Context 59 semantic val: 5105 images.",
-            how_to_prepare=_PASCAL_PREP,
-        ),
-        _info(
-            "pascal-context-459",
-            "semantic",
-            "pascal_ctx_d2/images/validation/ + pascal_ctx_d2/annotations_ctx459/validation/",
-            "pascal-context-459",
-            ignore_label=65535,
-            ignore="65535 (16-bit TIFF labels, classes 0..458)",
-            short_side=512,
-            max_size=2048,
-            summary="PASCAL Context 459 semantic val: 5105 images.",
-            how_to_prepare=_PASCAL_PREP,
-        ),
-        _info(
-            "coco-instance-65",
-            "instance",
-            "coco/val2017/ + coco/annotations/ov_split_48_17/instances_val2017_instances65.json",
-            "coco-instance-65",
-            short_side=800,
-            max_size=1333,
-            summary="COCO open-vocabulary instance split, all 65 classes (48 base + 17 novel: base / novel AP).",
-            how_to_prepare=_COCO_OV_PREP,
-        ),
-        _info(
-            "coco-instance-48",
-            "instance",
-            "coco/val2017/ + coco/annotations/ov_split_48_17/instances_val2017_seen48.json",
-            "coco-base-48",
-            short_side=800,
-            max_size=1333,
-            summary="COCO open-vocabulary instance split, the 48 base (seen) classes only.",
-            how_to_prepare=_COCO_OV_PREP,
-        ),
-        _info(
-            "coco-instance-17",
-            "instance",
-            "coco/val2017/ + coco/annotations/ov_split_48_17/instances_val2017_unseen17.json",
-            "coco-novel-17",
-            short_side=800,
-            max_size=1333,
-            summary="COCO open-vocabulary instance split, the 17 novel (unseen) classes only.",
-            how_to_prepare=_COCO_OV_PREP,
-        ),
-        _info(
-            "synthetic",
-            "panoptic",
-            "<root>/images/<split>/, <root>/panoptic_<split>/, <root>/annotations/panoptic_<split>.json, "
-            "<root>/vocab.txt, <root>/meta.json",
-            None,
-            vocabulary="its vocab.txt",
-            options=(*_PAN_OPTS, "split"),
-            short_side=0,
-            max_size=4096,
-            summary="The synthetic shapes world written by `masqclip synth` (root = its folder, split= default val; "
-            "base / novel classes from meta.json). Evaluated at its native size (the scale it was drawn and trained "
-            "at): no resize unless --short-side is given.",
-            how_to_prepare="Run `masqclip synth --out DIR` (nothing to download) and pass DIR as root.",
-        ),
-        _info(
-            "generic-semantic",
-            "semantic",
-            "images=DIR labels=DIR vocab=V [ignore_label=255]",
-            None,
-            vocabulary="vocab= (required)",
-            ignore_label=255,
-            ignore="ignore_label= (default 255)",
-            short_side=640,
-            max_size=2560,
-            summary="Any images with label maps of the same file stem (PNG / TIFF, value = contiguous class index).",
-            how_to_prepare="Put the images in one folder and one single-channel PNG or TIFF per image, with the same "
-            "file stem, in another; pixel value = the class's index (line) in the vocabulary, ignore_label where "
-            "unlabelled.",
-        ),
-        _info(
-            "generic-panoptic",
-            "panoptic",
-            "panoptic_json=F panoptic_dir=D images=DIR [vocab=V]",
-            None,
-            vocabulary="the JSON categories, or vocab=",
-            short_side=640,
-            max_size=2560,
-            summary="Any dataset in the COCO panoptic format.",
-            how_to_prepare="Write a COCO panoptic JSON (images, annotations with segments_info, categories) and one "
-            "RGB PNG per image (segment id = R + 256 G + 256^2 B, 0 = void).",
-        ),
-        _info(
-            "generic-instance",
-            "instance",
-            "annotations=F images=DIR [vocab=V]",
-            None,
-            vocabulary="the JSON categories, or vocab=",
-            short_side=800,
-            max_size=1333,
-            summary="Any dataset in the COCO instance-segmentation format.",
-            how_to_prepare="Write a COCO instance JSON (images, annotations with polygon or RLE segmentation, "
-            "categories).",
-        ),
-    )
-}
+    loader: Loader = field(repr=False, compare=False)  # reads the dataset (see Loader)
+    # the default paths under root the loader reads, by option name (images, labels, panoptic_json, panoptic_dir,
+    # annotations; ade20k-150 adds original_labels); empty when the loader takes them from the options or root
+    paths: Mapping[str, str] = field(default_factory=dict, compare=False)
+    novel_preset: str | None = None  # a preset of the novel classes (by id) that defines the base/novel split
 
 
 def default_root() -> Path:
@@ -701,8 +444,7 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **paths:
     if unknown:
         raise DatasetError(f"dataset {name} does not take {', '.join(unknown)} (it takes {', '.join(info.options)})")
     base = Path(os.path.expanduser(os.fspath(root))) if root is not None else None
-    loader = _LOADERS[name]
-    return loader(info, base, opts)
+    return info.loader(info, base, opts)
 
 
 def _path(opts: Mapping[str, Any], key: str, default: Path | None, info: DatasetInfo) -> Path:
@@ -716,6 +458,11 @@ def _path(opts: Mapping[str, Any], key: str, default: Path | None, info: Dataset
 
 def _root(base: Path | None) -> Path:
     return base if base is not None else default_root()
+
+
+def _default(info: DatasetInfo, key: str, root: Path) -> Path:
+    """The entry's default path ``key`` under ``root``."""
+    return root / info.paths[key]
 
 
 def _need_dir(path: Path, what: str, name: str) -> Path:
@@ -940,28 +687,16 @@ def _load_panoptic(
     )
 
 
-def _load_coco_panoptic(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
+def _load_standard_panoptic(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
+    """A COCO-format panoptic dataset at the entry's default ``paths`` (images, panoptic_json, panoptic_dir)."""
     root = _root(base)
-    if info.name == "coco-panoptic":
-        images, pan_dir, pan_json = (
-            root / "coco/val2017",
-            root / "coco/panoptic_val2017",
-            root / "coco/annotations/panoptic_val2017.json",
-        )
-    else:
-        ade = root / "ADEChallengeData2016"
-        images, pan_dir, pan_json = (
-            ade / "images/validation",
-            ade / "ade20k_panoptic_val",
-            ade / ("ade20k_panoptic_val.json"),
-        )
     vocab = _vocabulary(opts, info.preset, info)
     return _load_panoptic(
         info,
         vocab,
-        _path(opts, "images", images, info),
-        _path(opts, "panoptic_json", pan_json, info),
-        _path(opts, "panoptic_dir", pan_dir, info),
+        _path(opts, "images", _default(info, "images", root), info),
+        _path(opts, "panoptic_json", _default(info, "panoptic_json", root), info),
+        _path(opts, "panoptic_dir", _default(info, "panoptic_dir", root), info),
     )
 
 
@@ -1091,29 +826,18 @@ def _load_semantic(
     )
 
 
-_SEMANTIC_LAYOUTS: dict[str, tuple[str, str, int]] = {
-    # name: (images, labels, ignore) under root
-    "ade20k-847": (
-        "ADE20K_2021_17_01/images_detectron2/validation",
-        "ADE20K_2021_17_01/annotations_detectron2/validation",
-        65535,
-    ),
-    "pascal-context-59": ("pascal_ctx_d2/images/validation", "pascal_ctx_d2/annotations_ctx59/validation", 255),
-    "pascal-context-459": ("pascal_ctx_d2/images/validation", "pascal_ctx_d2/annotations_ctx459/validation", 65535),
-}
-
-
-def _load_named_semantic(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
+def _load_standard_semantic(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
+    """Label maps of contiguous class indices (ignore = the entry's ``ignore_label``) at the entry's default
+    ``paths`` (images, labels)."""
     root = _root(base)
-    images_rel, labels_rel, ignore = _SEMANTIC_LAYOUTS[info.name]
     vocab = _vocabulary(opts, info.preset, info)
     given = _ignore_option(opts, info)
-    codec = _LabelCodec(len(vocab), 0, ignore if given is None else given)
+    codec = _LabelCodec(len(vocab), 0, info.ignore_label if given is None else given)
     return _load_semantic(
         info,
         vocab,
-        _path(opts, "images", root / images_rel, info),
-        _path(opts, "labels", root / labels_rel, info),
+        _path(opts, "images", _default(info, "images", root), info),
+        _path(opts, "labels", _default(info, "labels", root), info),
         codec,
     )
 
@@ -1123,20 +847,20 @@ def _load_ade20k_150(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDa
     (1..150, 0 = ignore). With ``labels=`` the convention follows the folder: original when it sits in a folder named
     ``annotations``, detectron2 otherwise. ``ignore_label=0`` forces the original convention, any other value the
     detectron2 one with that ignore value."""
-    ade = _root(base) / "ADEChallengeData2016"
+    root = _root(base)
     vocab = _vocabulary(opts, info.preset, info)
     if "labels" in opts:
         labels = _path(opts, "labels", None, info)
         original = labels.parent.name == "annotations" or labels.name == "annotations"
     else:
-        d2 = ade / "annotations_detectron2/validation"
+        d2 = _default(info, "labels", root)
         original = not d2.is_dir()
-        labels = ade / "annotations/validation" if original else d2
+        labels = _default(info, "original_labels", root) if original else d2
     given = _ignore_option(opts, info)
     if given is not None:
         original = given == 0
     codec = _LabelCodec(len(vocab), 1, 0) if original else _LabelCodec(len(vocab), 0, 255 if given is None else given)
-    return _load_semantic(info, vocab, _path(opts, "images", ade / "images/validation", info), labels, codec)
+    return _load_semantic(info, vocab, _path(opts, "images", _default(info, "images", root), info), labels, codec)
 
 
 def _load_generic_semantic(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
@@ -1149,13 +873,6 @@ def _load_generic_semantic(info: DatasetInfo, base: Path | None, opts: dict) -> 
 
 
 # --- instance -------------------------------------------------------------------------------------------------------
-
-
-_OV_SPLIT: dict[str, str] = {
-    "coco-instance-65": "instances65",
-    "coco-instance-48": "seen48",
-    "coco-instance-17": "unseen17",
-}
 
 
 def _load_instance(
@@ -1228,21 +945,22 @@ def _load_instance(
     )
 
 
-def _load_coco_instance(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
+def _load_coco_ov_instance(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
+    """A COCO open-vocabulary instance split at the entry's default ``paths`` (images, annotations); the entry's
+    ``novel_preset`` (when the vocabulary has ids) defines its base/novel split."""
     root = _root(base)
-    split = _OV_SPLIT[info.name]
-    default_json = root / "coco/annotations/ov_split_48_17" / f"instances_val2017_{split}.json"
-    ann_json = _path(opts, "annotations", default_json, info)
+    ann_json = _path(opts, "annotations", _default(info, "annotations", root), info)
     if "annotations" not in opts and not ann_json.is_file():
         raise DatasetError(
             f"{info.name}: instance JSON {ann_json} is missing (prepare the open-vocabulary split or give annotations=)"
         )
     vocab = _vocabulary(opts, info.preset, info)
     novel = None
-    if info.name == "coco-instance-65" and any(c.id is not None for c in vocab):
-        novel_ids = set(load_preset("coco-novel-17").ids)
+    if info.novel_preset is not None and any(c.id is not None for c in vocab):
+        novel_ids = set(load_preset(info.novel_preset).ids)
         novel = _split_or_none(frozenset(i for i, cid in enumerate(vocab.ids) if cid in novel_ids), len(vocab))
-    return _load_instance(info, vocab, _path(opts, "images", root / "coco/val2017", info), ann_json, novel=novel)
+    images = _path(opts, "images", _default(info, "images", root), info)
+    return _load_instance(info, vocab, images, ann_json, novel=novel)
 
 
 def _load_generic_instance(info: DatasetInfo, base: Path | None, opts: dict) -> EvalDataset:
@@ -1255,21 +973,282 @@ def _load_generic_instance(info: DatasetInfo, base: Path | None, opts: dict) -> 
     return _load_instance(info, vocab, images, ann_json, data=data)
 
 
-_LOADERS = {
-    "coco-panoptic": _load_coco_panoptic,
-    "ade20k-panoptic": _load_coco_panoptic,
-    "ade20k-150": _load_ade20k_150,
-    "ade20k-847": _load_named_semantic,
-    "pascal-context-59": _load_named_semantic,
-    "pascal-context-459": _load_named_semantic,
-    "coco-instance-65": _load_coco_instance,
-    "coco-instance-48": _load_coco_instance,
-    "coco-instance-17": _load_coco_instance,
-    "synthetic": _load_synthetic,
-    "generic-semantic": _load_generic_semantic,
-    "generic-panoptic": _load_generic_panoptic,
-    "generic-instance": _load_generic_instance,
-}
+# --------------------------------------------------------------------------------------------------------------------
+# The registry: one entry per dataset, its description and its loader. Adding a dataset = adding its entry here
+# (plus a loader function above when its format is new); load_dataset and docs/datasets.md follow.
+
+_COCO_PREP = (
+    "Download the 2017 Val images (val2017.zip) and the 2017 panoptic annotations "
+    "(panoptic_annotations_trainval2017.zip) from https://cocodataset.org/#download. Unzip the images into "
+    "coco/val2017/; from the panoptic archive put annotations/panoptic_val2017.json into coco/annotations/ and unzip "
+    "the inner panoptic_val2017.zip into coco/panoptic_val2017/."
+)
+_COCO_OV_PREP = (
+    "Download val2017.zip and the 2017 instance annotations (annotations_trainval2017.zip, instances_val2017.json) "
+    "from https://cocodataset.org/#download; unzip the images into coco/val2017/ and the JSON into coco/annotations/. "
+    "Then run the MasQCLIP repository's datasets/prepare_coco_ovsplit.py, which filters instances_val2017.json into "
+    "coco/annotations/ov_split_48_17/instances_val2017_{instances65,seen48,unseen17}.json (65 classes = 48 seen + 17 "
+    "unseen)."
+)
+_ADE_PREP = (
+    "Download ADEChallengeData2016.zip from the MIT scene parsing benchmark (http://sceneparsing.csail.mit.edu/) and "
+    "unzip it into root."
+)
+_ADE_SEM_PREP = _ADE_PREP + (
+    " The original annotations/validation/ PNGs (1..150, 0 = unlabelled) are read as they are; detectron2's "
+    "datasets/prepare_ade20k_sem_seg.py (also in Mask2Former and FC-CLIP) writes annotations_detectron2/validation/ "
+    "(0..149, 255 = ignore), which is used instead when present."
+)
+_ADE_PAN_PREP = _ADE_PREP + (
+    " Also download the instance annotations (annotations_instance.tar, same site) into ADEChallengeData2016/, "
+    "install panopticapi and run Mask2Former's datasets/prepare_ade20k_pan_seg.py: it combines the semantic and "
+    "instance annotations into ade20k_panoptic_val/ (PNGs) and ade20k_panoptic_val.json (categories 0..149, matched "
+    "to the ade20k-150 vocabulary by name)."
+)
+_ADE847_PREP = (
+    "Register at https://groups.csail.mit.edu/vision/datasets/ADE20K/ and download the full ADE20K release "
+    "(ADE20K_2021_17_01); unzip it into root and run datasets/prepare_ade20k_full_sem_seg.py from FC-CLIP (the same "
+    "script ships with MaskCLIP / ODISE): it writes ADE20K_2021_17_01/images_detectron2/validation/ (JPEG) and "
+    "annotations_detectron2/validation/ (16-bit TIFF, classes 0..846, 65535 = ignore)."
+)
+_PASCAL_PREP = (
+    "Download the VOC2010 train/val tar from http://host.robots.ox.ac.uk/pascal/VOC/ (VOCdevkit/VOC2010/), the "
+    "PASCAL-Context trainval.tar.gz from https://www.cs.stanford.edu/~roozbeh/pascal-context/ (unpacked into "
+    "VOCdevkit/VOC2010/trainval/) and trainval_merged.json (into VOCdevkit/VOC2010/); install the Detail API "
+    "(https://github.com/zhanghang1989/detail-api). FC-CLIP's datasets/prepare_pascal_ctx_sem_seg.py writes "
+    "pascal_ctx_d2/images/validation/ and annotations_ctx59/validation/ (PNG, 0..58, 255 = ignore); "
+    "datasets/prepare_pascal_ctx_full_sem_seg.py writes annotations_ctx459/validation/ (16-bit TIFF, 0..458, "
+    "65535 = ignore)."
+)
+
+_SEM_OPTS = ("images", "labels", "vocab", "ignore_label")
+_PAN_OPTS = ("images", "panoptic_json", "panoptic_dir", "vocab")
+_INS_OPTS = ("images", "annotations", "vocab")
+
+
+def _standard_layout(task: str, paths: Mapping[str, str]) -> str:
+    """The ``layout`` line of a standard layout, from its default paths."""
+    if task == "panoptic":
+        return f"{paths['images']}/, {paths['panoptic_dir']}/, {paths['panoptic_json']}"
+    if task == "semantic":
+        return f"{paths['images']}/ + {paths['labels']}/"
+    return f"{paths['images']}/ + {paths['annotations']}"
+
+
+def _entry(name: str, task: str, preset: str | None, loader: Loader, **kw: Any) -> DatasetInfo:
+    """One registry entry, with the defaults of its task (options, ignore value and convention, vocabulary in words,
+    and the layout line derived from ``paths``)."""
+    defaults: dict[str, Any] = {
+        "panoptic": {"ignore_label": 0, "ignore": "0 (void segment id)", "options": _PAN_OPTS},
+        "semantic": {"options": _SEM_OPTS},
+        "instance": {"ignore_label": None, "ignore": "none", "options": _INS_OPTS},
+    }[task]
+    kw = {**defaults, **kw}
+    kw.setdefault("vocabulary", f"preset {preset}" if preset else "")
+    if "layout" not in kw:
+        kw["layout"] = _standard_layout(task, kw["paths"])
+    return DatasetInfo(name=name, task=task, preset=preset, loader=loader, **kw)
+
+
+def _registry(*entries: DatasetInfo) -> dict[str, DatasetInfo]:
+    table: dict[str, DatasetInfo] = {}
+    for info in entries:
+        if info.name in table:
+            raise ValueError(f"dataset {info.name} is registered twice")
+        if info.task not in _TASKS_OF:
+            raise ValueError(f"dataset {info.name}: unknown task {info.task!r}")
+        table[info.name] = info
+    return table
+
+
+_COCO_OV = "coco/annotations/ov_split_48_17"
+
+#: The registry: dataset name -> its :class:`DatasetInfo` (description and loader), in the order the docs list them.
+DATASETS: dict[str, DatasetInfo] = _registry(
+    _entry(
+        "coco-panoptic",
+        "panoptic",
+        "coco-panoptic",
+        _load_standard_panoptic,
+        paths={
+            "images": "coco/val2017",
+            "panoptic_dir": "coco/panoptic_val2017",
+            "panoptic_json": "coco/annotations/panoptic_val2017.json",
+        },
+        short_side=800,
+        max_size=1333,
+        summary="COCO panoptic val2017: 5000 images, 133 classes (80 things, 53 stuff).",
+        how_to_prepare=_COCO_PREP,
+    ),
+    _entry(
+        "ade20k-panoptic",
+        "panoptic",
+        "ade20k-150",
+        _load_standard_panoptic,
+        paths={
+            "images": "ADEChallengeData2016/images/validation",
+            "panoptic_dir": "ADEChallengeData2016/ade20k_panoptic_val",
+            "panoptic_json": "ADEChallengeData2016/ade20k_panoptic_val.json",
+        },
+        short_side=640,
+        max_size=2560,
+        summary="ADE20K-150 panoptic val: 2000 images, 150 classes (100 things, 50 stuff); JSON categories are "
+        "matched to the preset by name.",
+        how_to_prepare=_ADE_PAN_PREP,
+    ),
+    _entry(
+        "ade20k-150",
+        "semantic",
+        "ade20k-150",
+        _load_ade20k_150,
+        paths={
+            "images": "ADEChallengeData2016/images/validation",
+            "labels": "ADEChallengeData2016/annotations_detectron2/validation",
+            "original_labels": "ADEChallengeData2016/annotations/validation",  # when the labels above are absent
+        },
+        layout="ADEChallengeData2016/images/validation/ + ADEChallengeData2016/annotations_detectron2/validation/ "
+        "(else ADEChallengeData2016/annotations/validation/)",
+        ignore_label=255,
+        ignore="255 (annotations_detectron2: classes 0..149) or 0 (original annotations: classes 1..150)",
+        short_side=512,
+        max_size=2048,
+        summary="ADE20K-150 semantic val: 2000 images, 150 classes.",
+        how_to_prepare=_ADE_SEM_PREP,
+    ),
+    _entry(
+        "ade20k-847",
+        "semantic",
+        "ade20k-847",
+        _load_standard_semantic,
+        paths={
+            "images": "ADE20K_2021_17_01/images_detectron2/validation",
+            "labels": "ADE20K_2021_17_01/annotations_detectron2/validation",
+        },
+        ignore_label=65535,
+        ignore="65535 (16-bit TIFF labels, classes 0..846)",
+        short_side=512,
+        max_size=2048,
+        summary="ADE20K-Full (847 classes) semantic val: 2000 images.",
+        how_to_prepare=_ADE847_PREP,
+    ),
+    _entry(
+        "pascal-context-59",
+        "semantic",
+        "pascal-context-59",
+        _load_standard_semantic,
+        paths={"images": "pascal_ctx_d2/images/validation", "labels": "pascal_ctx_d2/annotations_ctx59/validation"},
+        ignore_label=255,
+        ignore="255 (PNG labels, classes 0..58)",
+        short_side=512,
+        max_size=2048,
+        summary="PASCAL Context 59 semantic val: 5105 images.",
+        how_to_prepare=_PASCAL_PREP,
+    ),
+    _entry(
+        "pascal-context-459",
+        "semantic",
+        "pascal-context-459",
+        _load_standard_semantic,
+        paths={"images": "pascal_ctx_d2/images/validation", "labels": "pascal_ctx_d2/annotations_ctx459/validation"},
+        ignore_label=65535,
+        ignore="65535 (16-bit TIFF labels, classes 0..458)",
+        short_side=512,
+        max_size=2048,
+        summary="PASCAL Context 459 semantic val: 5105 images.",
+        how_to_prepare=_PASCAL_PREP,
+    ),
+    _entry(
+        "coco-instance-65",
+        "instance",
+        "coco-instance-65",
+        _load_coco_ov_instance,
+        paths={"images": "coco/val2017", "annotations": f"{_COCO_OV}/instances_val2017_instances65.json"},
+        novel_preset="coco-novel-17",
+        short_side=800,
+        max_size=1333,
+        summary="COCO open-vocabulary instance split, all 65 classes (48 base + 17 novel: base / novel AP).",
+        how_to_prepare=_COCO_OV_PREP,
+    ),
+    _entry(
+        "coco-instance-48",
+        "instance",
+        "coco-base-48",
+        _load_coco_ov_instance,
+        paths={"images": "coco/val2017", "annotations": f"{_COCO_OV}/instances_val2017_seen48.json"},
+        short_side=800,
+        max_size=1333,
+        summary="COCO open-vocabulary instance split, the 48 base (seen) classes only.",
+        how_to_prepare=_COCO_OV_PREP,
+    ),
+    _entry(
+        "coco-instance-17",
+        "instance",
+        "coco-novel-17",
+        _load_coco_ov_instance,
+        paths={"images": "coco/val2017", "annotations": f"{_COCO_OV}/instances_val2017_unseen17.json"},
+        short_side=800,
+        max_size=1333,
+        summary="COCO open-vocabulary instance split, the 17 novel (unseen) classes only.",
+        how_to_prepare=_COCO_OV_PREP,
+    ),
+    _entry(
+        "synthetic",
+        "panoptic",
+        None,
+        _load_synthetic,
+        layout="<root>/images/<split>/, <root>/panoptic_<split>/, <root>/annotations/panoptic_<split>.json, "
+        "<root>/vocab.txt, <root>/meta.json",
+        vocabulary="its vocab.txt",
+        options=(*_PAN_OPTS, "split"),
+        short_side=0,
+        max_size=4096,
+        summary="The synthetic shapes world written by `masqclip synth` (root = its folder, split= default val; "
+        "base / novel classes from meta.json). Evaluated at its native size (the scale it was drawn and trained "
+        "at): no resize unless --short-side is given.",
+        how_to_prepare="Run `masqclip synth --out DIR` (nothing to download) and pass DIR as root.",
+    ),
+    _entry(
+        "generic-semantic",
+        "semantic",
+        None,
+        _load_generic_semantic,
+        layout="images=DIR labels=DIR vocab=V [ignore_label=255]",
+        vocabulary="vocab= (required)",
+        ignore_label=255,
+        ignore="ignore_label= (default 255)",
+        short_side=640,
+        max_size=2560,
+        summary="Any images with label maps of the same file stem (PNG / TIFF, value = contiguous class index).",
+        how_to_prepare="Put the images in one folder and one single-channel PNG or TIFF per image, with the same "
+        "file stem, in another; pixel value = the class's index (line) in the vocabulary, ignore_label where "
+        "unlabelled.",
+    ),
+    _entry(
+        "generic-panoptic",
+        "panoptic",
+        None,
+        _load_generic_panoptic,
+        layout="panoptic_json=F panoptic_dir=D images=DIR [vocab=V]",
+        vocabulary="the JSON categories, or vocab=",
+        short_side=640,
+        max_size=2560,
+        summary="Any dataset in the COCO panoptic format.",
+        how_to_prepare="Write a COCO panoptic JSON (images, annotations with segments_info, categories) and one "
+        "RGB PNG per image (segment id = R + 256 G + 256^2 B, 0 = void).",
+    ),
+    _entry(
+        "generic-instance",
+        "instance",
+        None,
+        _load_generic_instance,
+        layout="annotations=F images=DIR [vocab=V]",
+        vocabulary="the JSON categories, or vocab=",
+        short_side=800,
+        max_size=1333,
+        summary="Any dataset in the COCO instance-segmentation format.",
+        how_to_prepare="Write a COCO instance JSON (images, annotations with polygon or RLE segmentation, categories).",
+    ),
+)
 
 
 def datasets_markdown() -> str:

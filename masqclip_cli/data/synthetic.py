@@ -48,14 +48,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from masqclip_cli.io.writers.base import (
-    atomic_save_png,
-    atomic_write_json,
-    atomic_write_text,
-    dumps_json,
-    encode_rle,
-    segment_stats,
-)
+from masqclip_cli.io.files import atomic_save_png, atomic_write_json, atomic_write_text, dumps_json
+from masqclip_cli.structures.masks import encode_rle, segment_stats
 
 __all__ = [
     "CROP_SIZE",

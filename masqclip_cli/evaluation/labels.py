@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from masqclip_cli.data.datasets import DatasetError, EvalDataset
-from masqclip_cli.inference.engine import resize_shape
+from masqclip_cli.data.targets import sample_targets
+from masqclip_cli.evaluation.matching import assign_labels
+from masqclip_cli.inference.preprocess import prepare_image
 from masqclip_cli.io.sources import SkipItem, SourceItem, decode_item
 from masqclip_cli.modeling.masqclip import MasQCLIP
 
@@ -28,9 +28,6 @@ def mask_label_accuracy(model: MasQCLIP, dataset: EvalDataset, threshold: float 
                         limit: int | None = None) -> dict[str, Any]:
     """Mask-label accuracy (percent) of ``model`` on ``dataset`` with the dataset's vocabulary (see the module
     docstring). Returns ``{"all": %, "base": %, "novel": %, "labelled": {group: count}, "images": n}``."""
-    from masqclip_cli.training.data import sample_targets
-    from masqclip_cli.training.losses import assign_labels
-
     model.set_vocabulary(dataset.vocabulary)
     num_classes = len(dataset.vocabulary)
     novel = dataset.novel or frozenset()
@@ -42,10 +39,9 @@ def mask_label_accuracy(model: MasQCLIP, dataset: EvalDataset, threshold: float 
             masks, classes = sample_targets(dataset, sample)
         except (SkipItem, DatasetError):
             continue
-        h, w = rgb.shape[:2]
-        nh, nw = resize_shape(h, w, dataset.short_side, dataset.max_size)
-        resized = rgb if (nh, nw) == (h, w) else np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-        out = model([torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)])[0]
+        tensor = prepare_image(rgb, dataset.short_side, dataset.max_size)
+        nh, nw = int(tensor.shape[1]), int(tensor.shape[2])
+        out = model([tensor])[0]
         images += 1
         if masks.shape[0] == 0:
             continue

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from masqclip_cli.data.datasets import DatasetError, EvalDataset
-from masqclip_cli.inference.engine import resize_shape
+from masqclip_cli.data.targets import sample_targets
+from masqclip_cli.inference.preprocess import prepare_image
 from masqclip_cli.io.sources import SkipItem, SourceItem, decode_item
 from masqclip_cli.modeling.proposals.network import ProposalNetwork, postprocess_masks
 
@@ -51,8 +50,6 @@ def proposal_recall(
     Returns ``{"recall@0.5": {"all": %, "things": %, ...}, "mean_best_iou": {...}, "segments": {group: count},
     "images": n}`` (percent; groups with no segment are left out).
     """
-    from masqclip_cli.training.data import sample_targets  # local import: training imports evaluation
-
     was_training = network.training
     network.eval()
     dtype = next(network.parameters()).dtype
@@ -80,9 +77,8 @@ def proposal_recall(
         except (SkipItem, DatasetError):
             continue
         h, w = rgb.shape[:2]
-        nh, nw = resize_shape(h, w, short, longest)
-        resized = rgb if (nh, nw) == (h, w) else np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-        tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+        tensor = prepare_image(rgb, short, longest)
+        nh, nw = int(tensor.shape[1]), int(tensor.shape[2])
         normalized = network.normalize_and_pad([tensor]).to(dtype)
         out = network(normalized)
         logits = postprocess_masks(out.pred_masks[0].float(), tuple(normalized.shape[-2:]), (nh, nw), (h, w))

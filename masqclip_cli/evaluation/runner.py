@@ -26,11 +26,13 @@ from masqclip_cli.data.datasets import EvalDataset
 from masqclip_cli.evaluation.instance import coco_mask_ap
 from masqclip_cli.evaluation.panoptic import PanopticAccumulator, PanopticSegmentInfo
 from masqclip_cli.evaluation.semantic import SemanticAccumulator
-from masqclip_cli.inference.engine import resize_shape
-from masqclip_cli.inference.postprocess import PostprocessConfig, postprocess
+from masqclip_cli.inference.postprocess import PostprocessConfig
+from masqclip_cli.inference.predictor import Predictor
+from masqclip_cli.inference.preprocess import prepare_image
 from masqclip_cli.io.sources import SkipItem, SourceItem, decode_item
-from masqclip_cli.io.writers.base import category_ids, encode_rle
 from masqclip_cli.modeling.masqclip import MasQCLIP
+from masqclip_cli.structures.masks import encode_rle
+from masqclip_cli.vocab import category_ids
 
 __all__ = ["EvalOptions", "EvalError", "evaluate"]
 
@@ -105,17 +107,16 @@ def _run_model(model: MasQCLIP, dataset: EvalDataset, samples, options: EvalOpti
                image_ids: dict[str, int], on_item) -> None:
     short = options.short_side if options.short_side is not None else dataset.short_side
     longest = options.max_size if options.max_size is not None else dataset.max_size
-    isthing = list(dataset.vocabulary.isthing)
+    predictor = Predictor.for_encoded(model, dataset.vocabulary, options.postprocess, short, longest)
     cat_ids = category_ids(dataset.vocabulary)
     batch: list[tuple[Any, np.ndarray, torch.Tensor]] = []
 
     def flush() -> None:
         t0 = time.perf_counter()
-        outputs = model([tensor for _, _, tensor in batch])
+        outputs = predictor.forward([tensor for _, _, tensor in batch])
         state.model_seconds += time.perf_counter() - t0
         for (sample, rgb, _), out in zip(batch, outputs):
-            seg = postprocess(out.mask_logits, out.p_cls, isthing, image_size=out.image_size,
-                              padded_size=out.padded_size, output_size=rgb.shape[:2], config=options.postprocess)
+            seg = predictor.postprocess(out, rgb.shape[:2])
             _accumulate(state, dataset, sample, seg, image_ids.get(sample.id), cat_ids)
             state.images += 1
             if on_item:
@@ -128,10 +129,7 @@ def _run_model(model: MasQCLIP, dataset: EvalDataset, samples, options: EvalOpti
         except SkipItem as exc:
             state.skipped.append(str(exc))
             continue
-        h, w = rgb.shape[:2]
-        nh, nw = resize_shape(h, w, short, longest)
-        resized = rgb if (nh, nw) == (h, w) else np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-        batch.append((sample, rgb, torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)))
+        batch.append((sample, rgb, prepare_image(rgb, predictor.short_side, predictor.max_size)))
         if len(batch) >= options.batch_size:
             flush()
     if batch:
@@ -141,7 +139,7 @@ def _run_model(model: MasQCLIP, dataset: EvalDataset, samples, options: EvalOpti
 def _read_predictions(pred_dir: Path, dataset: EvalDataset, samples, tasks, state: _State,
                       image_ids: dict[str, int], on_item) -> None:
     """Score the files of a ``segment`` run; its vocabulary must be the dataset's (same names, in order)."""
-    from masqclip_cli.inference.result import Segment, Segmentation
+    from masqclip_cli.structures import Segment, Segmentation
     from masqclip_cli.vocab import Vocabulary
 
     run_file = pred_dir / ".masqclip" / "run.json"
@@ -150,20 +148,20 @@ def _read_predictions(pred_dir: Path, dataset: EvalDataset, samples, tasks, stat
     run_vocab = Vocabulary.from_json(json.loads(run_file.read_text())["vocabulary"], source=str(run_file))
     if run_vocab.names != dataset.vocabulary.names:
         raise EvalError(f"{pred_dir}: predicted with another vocabulary ({len(run_vocab)} classes) than the dataset's "
-                        f"({len(dataset.vocabulary)}); run segment with --vocab matching the dataset")
+                        f"({len(dataset.vocabulary)}); segment with the dataset's vocabulary")
     pred_cat = {cid: i for i, cid in enumerate(category_ids(run_vocab))}
     pan_by_file: dict[str, dict] = {}
     if "panoptic" in tasks:
         pan_json = pred_dir / "panoptic.json"
         if not pan_json.is_file():
-            raise EvalError(f"{pan_json}: missing (run segment with --task panoptic --format panoptic)")
+            raise EvalError(f"{pan_json}: missing (segment with the panoptic task and format)")
         for ann in json.loads(pan_json.read_text())["annotations"]:
             pan_by_file[ann["file_name"][: -len(".png")]] = ann
     inst_by_file: dict[str, list[dict]] = {}
     if "instance" in tasks:
         inst_json = pred_dir / "instances.json"
         if not inst_json.is_file():
-            raise EvalError(f"{inst_json}: missing (run segment with --task instance --format coco)")
+            raise EvalError(f"{inst_json}: missing (segment with the instance task and the coco format)")
         coco = json.loads(inst_json.read_text())
         names = {img["id"]: img["file_name"] for img in coco["images"]}
         for ann in coco["annotations"]:
@@ -182,7 +180,7 @@ def _read_predictions(pred_dir: Path, dataset: EvalDataset, samples, tasks, stat
         if "semantic" in tasks:
             path = pred_dir / "labels" / f"{sample.id}.png"
             if not path.is_file():
-                raise EvalError(f"{path}: missing (run segment with --task semantic --format labels)")
+                raise EvalError(f"{path}: missing (segment with the semantic task and the labels format)")
             values = np.asarray(Image.open(path)).astype(np.int64)
             lut = np.full(max(pred_cat) + 1, -1, np.int64)
             for cid, index in pred_cat.items():
@@ -316,7 +314,7 @@ def _finite(value: Any) -> Any:
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write the report atomically as strict JSON (NaN → null)."""
-    from masqclip_cli.io.writers.base import atomic_write_text
+    from masqclip_cli.io.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
 

@@ -199,11 +199,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` → ``(key, value)``; the value is parsed as a TOML value when it is one (numbers, booleans,
     lists, inline tables), else kept as a string."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
+        raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
     key = key.strip().replace("-", "_")
     if key not in _FIELDS:
-        raise ConfigError(f"--set {text!r}: unknown setting '{key}'")
+        raise ConfigError(f"override {text!r}: unknown setting '{key}'")
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -226,7 +226,7 @@ def load_config(stage: str, config_file: str | Path | None = None, overrides: li
         values.update({k: _coerce(k, v, str(config_file)) for k, v in from_file.items()})
     for text in overrides or []:
         key, value = parse_override(text)
-        values[key] = _coerce(key, value, f"--set {text}")
+        values[key] = _coerce(key, value, f"override {text}")
     for key, value in (options or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
@@ -262,6 +262,6 @@ def _validate(c: TrainConfig) -> None:
         if not ok:
             raise ConfigError(message)
     if c.stage == "distill" and not c.teacher:
-        raise ConfigError("train distill needs --teacher (the model file of the class-agnostic teacher)")
+        raise ConfigError("train distill needs teacher=FILE (the model file of the class-agnostic teacher)")
     if c.stage == "masq" and not c.init:
-        raise ConfigError("train masq needs --proposals (the model file whose proposal network is used)")
+        raise ConfigError("train masq needs proposals=FILE (the model file whose proposal network is used)")

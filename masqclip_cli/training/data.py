@@ -8,9 +8,9 @@ permutation seeded by ``(seed, epoch)``; its augmentation is seeded by ``(seed, 
 step depends only on ``(seed, iteration)``: a resumed run needs no loader state and 1 or 8 processes see the same
 global batch.
 
-Targets (:func:`sample_targets`): panoptic datasets give one mask per non-crowd segment (its class = the segment's
-class); instance datasets one per non-crowd annotation; semantic datasets one per class present (ignore pixels are
-in no mask). Classes are contiguous indices into the dataset vocabulary.
+Targets: :func:`masqclip_cli.data.targets.sample_targets` (re-exported here): panoptic datasets give one mask per
+non-crowd segment (its class = the segment's class); instance datasets one per non-crowd annotation; semantic datasets
+one per class present (ignore pixels are in no mask). Classes are contiguous indices into the dataset vocabulary.
 
 Augmentation (:class:`AugmentConfig`, METHOD.md §3.2):
 
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torch import Tensor
 
-from masqclip_cli.data.datasets import DatasetError, EvalDataset, EvalSample
+from masqclip_cli.data.datasets import DatasetError, EvalDataset
+from masqclip_cli.data.targets import instance_annotations, sample_targets
 from masqclip_cli.io.sources import SkipItem, SourceItem, decode_item
 
 __all__ = [
@@ -98,51 +98,6 @@ class TrainSample:
     classes: Tensor
     id: str
     position: int
-
-
-def sample_targets(dataset: EvalDataset, sample: EvalSample, instances: dict[str, list[dict]] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(masks (G, H, W) bool, classes (G,) int64)`` of one sample at its stored resolution (see the module
-    docstring). ``instances`` maps sample ids to their COCO annotations (instance datasets)."""
-    if dataset.task == "panoptic":
-        ids, segments = sample.panoptic_gt()
-        masks, classes = [], []
-        for seg in segments:
-            if seg.iscrowd:
-                continue
-            m = ids == seg.id
-            if m.any():
-                masks.append(m)
-                classes.append(seg.category)
-        h, w = ids.shape
-    elif dataset.task == "semantic":
-        labels = sample.semantic_gt()
-        h, w = labels.shape
-        present = [int(c) for c in np.unique(labels) if c >= 0]
-        masks = [labels == c for c in present]
-        classes = present
-    elif dataset.task == "instance":
-        h, w = sample.image_size()
-        masks, classes = [], []
-        category_index = {int(c["id"]): i for i, c in enumerate(_instance_categories(dataset))}
-        for ann in (instances or {}).get(sample.id, []):
-            if ann.get("iscrowd", 0):
-                continue
-            m = mask_utils.decode(ann["segmentation"]).astype(bool)
-            if m.shape != (h, w):
-                raise DatasetError(f"{sample.image_path}: annotation {ann.get('id')} is {m.shape[0]}x{m.shape[1]}, "
-                                   f"the image {h}x{w}")
-            if m.any():
-                masks.append(m)
-                classes.append(category_index[int(ann["category_id"])])
-    else:  # pragma: no cover - EvalDataset.task is one of the three
-        raise DatasetError(f"dataset {dataset.name}: unknown ground-truth kind {dataset.task!r}")
-    stacked = np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
-    return stacked, np.asarray(classes, dtype=np.int64)
-
-
-def _instance_categories(dataset: EvalDataset) -> list[dict]:
-    return dataset.instance_gt_coco()["categories"]
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -223,12 +178,7 @@ class TrainDataset:
         if self.dataset.task != "instance":
             return None
         if self._instances is None:
-            gt = self.dataset.instance_gt_coco()
-            by_image = {int(img["id"]): img["file_name"] for img in gt["images"]}
-            grouped: dict[str, list[dict]] = {}
-            for ann in gt["annotations"]:
-                grouped.setdefault(by_image[int(ann["image_id"])], []).append(ann)
-            self._instances = grouped
+            self._instances = instance_annotations(self.dataset)
         return self._instances
 
     def load(self, index: int, epoch: int) -> TrainSample:

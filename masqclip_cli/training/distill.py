@@ -134,6 +134,7 @@ def select_pseudo_masks(
     teacher_scores: Tensor,
     teacher_masks: Tensor,
     gt_masks: Tensor,
+    *,
     score_threshold: float = 0.8,
     overlap_threshold: float = 0.1,
     overlap: OverlapKind = "dice",

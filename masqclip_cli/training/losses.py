@@ -3,8 +3,9 @@
 * Proposal network (Mask2Former, class-agnostic): :class:`SetCriterion` = Hungarian matching per decoder layer
   (deep supervision), 2-way cross-entropy with a down-weighted no-object class, and sigmoid-BCE + dice mask losses on
   importance-sampled points (:func:`uncertain_point_coords`).
-* MasQ-Tuning: :func:`assign_labels` (Dice > 0.6 on binarised masks, not Hungarian; many queries may take one GT)
-  and :func:`masq_loss` (weighted NLL over N classes + background, times 2).
+* MasQ-Tuning: :func:`assign_labels` (Dice > 0.6 on binarised masks, not Hungarian; many queries may take one GT;
+  defined in :mod:`masqclip_cli.evaluation.matching`, which the mask-label metric shares, and re-exported here) and
+  :func:`masq_loss` (weighted NLL over N classes + background, times 2).
 
 All random draws of one training sample come from :func:`~masqclip_cli.training.matcher.make_generator`
 ``(seed, iteration, sample_offset + b)``, so a step is reproducible whatever the process count.
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from masqclip_cli.evaluation.matching import assign_labels
 from masqclip_cli.training.matcher import HungarianMatcher, _rand, make_generator, point_sample
 
 __all__ = [
@@ -150,6 +152,7 @@ class SetCriterion:
     def __init__(
         self,
         matcher: HungarianMatcher,
+        *,
         class_weight: float = 2.0,
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,
@@ -239,38 +242,6 @@ class SetCriterion:
 
 # ----------------------------------------------------------------------------------------------------------------
 # MasQ-Tuning (METHOD.md §1.6)
-
-
-@torch.no_grad()
-def assign_labels(
-    pred_masks: Tensor,
-    gt_masks: Tensor,
-    gt_classes: Tensor,
-    num_classes: int,
-    size: int,
-    threshold: float = 0.6,
-) -> Tensor:
-    """Per-query class labels for MasQ-Tuning: ``(Q,)`` int64 in ``[0, num_classes]`` (``num_classes`` = background).
-
-    ``pred_masks`` ``(Q, h, w)`` logits are bilinearly resized to ``size × size`` and binarised (logit > 0 ⇔ σ > 0.5);
-    ``gt_masks`` ``(G, H, W)`` are nearest-resized to ``size × size``. Dice = ``(2|P∩G| + 1) / (|P| + |G| + 1)``; each
-    query takes the class of its highest-Dice GT if that Dice > ``threshold``, else background. Not a bipartite
-    matching: several queries may take the same GT.
-    """
-    num_queries = pred_masks.shape[0]
-    device = pred_masks.device
-    labels = torch.full((num_queries,), int(num_classes), dtype=torch.int64, device=device)
-    if gt_masks.shape[0] == 0 or num_queries == 0:
-        return labels
-    pred = F.interpolate(pred_masks[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0] > 0
-    gt = F.interpolate(gt_masks[None].to(device=device, dtype=torch.float32), size=(size, size), mode="nearest")[0]
-    pred = pred.flatten(1).float()
-    gt = (gt > 0.5).flatten(1).float()
-    intersection = pred @ gt.T  # (Q, G)
-    dice = (2.0 * intersection + 1.0) / (pred.sum(1)[:, None] + gt.sum(1)[None, :] + 1.0)
-    best, best_gt = dice.max(dim=1)
-    classes = gt_classes.to(device=device, dtype=torch.int64)[best_gt]
-    return torch.where(best > threshold, classes, labels)
 
 
 def masq_loss(log_probs: Tensor, labels: Tensor, background_weight: float = 0.1, weight: float = 2.0) -> Tensor:

@@ -22,7 +22,7 @@ from masqclip_cli.vocab import Vocabulary, load_preset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-panoptic-sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco-panoptic-sample"
 
 H, W = 6, 8  # every fixture image is 6 x 8
 
@@ -768,5 +768,5 @@ def test_synthetic_meta_and_vocab_errors(tmp_path):
 def test_docs_datasets_page_matches_the_registry():
     from masqclip_cli.data.datasets import datasets_markdown
 
-    page = Path(__file__).resolve().parent.parent / "docs" / "datasets.md"
+    page = Path(__file__).resolve().parents[2] / "docs" / "datasets.md"
     assert page.read_text() == datasets_markdown(), "regenerate docs/datasets.md from datasets_markdown()"

@@ -26,8 +26,8 @@ from masqclip_cli.data.synthetic import (
     generate,
     make_scene,
 )
-from masqclip_cli.io.writers.base import category_ids, mask_stats
-from masqclip_cli.vocab import load_vocabulary
+from masqclip_cli.structures.masks import mask_stats
+from masqclip_cli.vocab import category_ids, load_vocabulary
 
 CFG = SynthConfig(images=6, seed=4, split="val", size=(96, 96))  # seed 4 draws all four novel categories
 BY_ID = {c["id"]: c for c in SYNTH_CATEGORIES}

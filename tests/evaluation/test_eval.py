@@ -132,7 +132,7 @@ def test_torchrun_two_processes_equal_one(synth_root, tmp_path):
 def test_real_coco_panoptic_sample_against_itself_is_pq_100():
     from pathlib import Path
 
-    sample = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-panoptic-sample"
+    sample = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco-panoptic-sample"
     if not sample.is_dir():
         pytest.skip(f"{sample} not found")
     data = load_dataset("coco-panoptic", images=sample / "images", panoptic_dir=sample / "panoptic",

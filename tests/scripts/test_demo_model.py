@@ -27,7 +27,7 @@ from masqclip_cli.evaluation.runner import EvalOptions, evaluate
 from masqclip_cli.inference.postprocess import PostprocessConfig
 from masqclip_cli.modeling.factory import BUNDLED_MODELS_DIR, load_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_SCENES = sorted((REPO / "samples" / "images").glob("scene-*"))
 
 # Measured on the check split below when the shipped model was built (docs/demo-model.md); floors a few points under.

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from masqclip_cli.modeling.clip_loader import create_open_clip, get_tokenizer
-from masqclip_cli.training.shapes_clip import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/shapes_clip.py: not shipped
+from shapes_clip import (  # noqa: E402
     CATEGORY_NAMES,
     SHAPES_CLIP_CONFIG,
     TrainConfig,

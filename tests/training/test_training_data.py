@@ -249,7 +249,7 @@ def test_proposal_recall_counts_recovered_segments(synth):
     assert half["recall@0.5"]["all"] == pytest.approx(100.0 * kept / total)
 
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
