@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from masqclip_cli import __version__
+from masqclip_cli.structures import TASKS
 
 app = typer.Typer(
     name="masqclip",
@@ -219,8 +220,6 @@ def convert(
     out.print(f"wrote {out_path}")
 
 
-TASKS = ("panoptic", "semantic", "instance")
-DEFAULT_FORMAT_FOR_TASK = {"instance": "coco", "panoptic": "panoptic", "semantic": "labels"}
 
 
 def _split_list(value: str, what: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -235,48 +234,12 @@ def _split_list(value: str, what: str, allowed: tuple[str, ...] | None = None) -
 
 
 def _parse_shard(value: str | None) -> tuple[int, int]:
-    if value is None:
-        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if rank is not None and world is not None and int(world) > 1:  # under torchrun: one shard per process
-            return int(rank), int(world)
-        return 0, 1
+    from masqclip_cli.inference.engine import resolve_shard
+
     try:
-        index, count = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise fail(f"--shard: expected i/n (e.g. 0/4), got '{value}'") from None
-    if not 0 <= index < count:
-        raise fail(f"--shard: index {index} is not in 0..{count - 1}")
-    return index, count
-
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        local_rank = os.environ.get("LOCAL_RANK")
-        return f"cuda:{local_rank}" if local_rank is not None else "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _model_identity(model: str) -> str:
-    """A stable identity of --model for the run fingerprint: the name, or a digest of a file's header and size."""
-    import hashlib
-
-    from masqclip_cli.modeling.factory import MODEL_REGISTRY, model_status
-
-    path = Path(model)
-    if model in MODEL_REGISTRY and not path.exists():
-        available, file = model_status(MODEL_REGISTRY[model])
-        if file is None:
-            return f"registered:{model}"
-        path = file
-    with path.open("rb") as f:
-        head = f.read(1 << 20)
-    return f"file:{hashlib.sha256(head).hexdigest()}:{path.stat().st_size}"
+        return resolve_shard(value)
+    except ValueError as exc:
+        raise fail(f"--shard: {exc}") from None
 
 
 @app.command("segment")
@@ -305,9 +268,12 @@ def segment_command(
                                           "else 640."),
     max_size: int | None = typer.Option(None, help="Cap on the long side after resizing (default: the model's, "
                                         "else 2560)."),
-    object_threshold: float = typer.Option(0.3, help="Panoptic: keep queries whose best p_cls exceeds this."),
-    overlap_threshold: float = typer.Option(0.3, help="Panoptic: drop segments keeping less of their mask than this."),
-    topk: int = typer.Option(100, help="Instance: detections per image (clamped to queries × classes)."),
+    object_threshold: float | None = typer.Option(None, help="Panoptic: keep queries whose best p_cls exceeds this. "
+                                                  "Default: the model's stored threshold (0.3 unless its file says)."),
+    overlap_threshold: float | None = typer.Option(None, help="Panoptic: drop segments keeping less of their mask "
+                                                   "than this. Default: the model's (0.3)."),
+    topk: int | None = typer.Option(None, help="Instance: detections per image (clamped to queries × classes). "
+                                    "Default: the model's (100)."),
     instance_keep_stuff: bool = typer.Option(False, help="Instance: keep stuff classes too (default: things only "
                                              "when the vocabulary has stuff)."),
     semantic_order: str = typer.Option("padded", help="Semantic: 'padded' (score map at the padded size, then "
@@ -329,21 +295,20 @@ def segment_command(
     failed, 2 usage or model error, 130 interrupted (what was done is kept and assembled).
     """
     from masqclip_cli.inference.engine import FingerprintMismatchError, RunOptions, segment
-    from masqclip_cli.inference.postprocess import PostprocessConfig
+    from masqclip_cli.inference.predictor import postprocess_config
+    from masqclip_cli.inference.preprocess import test_size_of
     from masqclip_cli.io.sources import SourceError
+    from masqclip_cli.io.writers import WRITERS, default_formats, missing_tasks
     from masqclip_cli.modeling.checkpoint import ModelFileError
     from masqclip_cli.modeling.clip_loader import WeightsNotFoundError
-    from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model
+    from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model, model_identity, resolve_device
     from masqclip_cli.modeling.text import TextEmbeddingCache
     from masqclip_cli.vocab import VocabularyError, load_vocabulary, read_templates
 
     tasks = _split_list(task, "task", TASKS)
-    formats = _split_list(fmt, "format", ("coco", "panoptic", "labels", "overlay", "jsonl")) if fmt else tuple(
-        DEFAULT_FORMAT_FOR_TASK[t] for t in tasks)
-    needs = {"coco": "instance", "panoptic": "panoptic", "labels": "semantic"}
-    for f in formats:
-        if f in needs and needs[f] not in tasks:
-            raise fail(f"--format {f} needs --task {needs[f]} (add it to --task)")
+    formats = _split_list(fmt, "format", tuple(WRITERS)) if fmt else default_formats(tasks)
+    for name, absent in missing_tasks(formats, tasks).items():  # before the model loads
+        raise fail(f"--format {name} needs --task {' or '.join(absent)} (add it to --task)")
     if out is None and formats != ("jsonl",):
         raise fail("--out is required (only --format jsonl can stream to stdout without it)")
     if semantic_order not in ("padded", "resized"):
@@ -364,14 +329,14 @@ def segment_command(
     if threads:
         torch.set_num_threads(threads)
     try:
-        net = load_model(model, device=_pick_device(device), precision=precision)
-        model_id = _model_identity(model)
+        net = load_model(model, device=resolve_device(device), precision=precision)
+        model_id = model_identity(model)
     except (ModelNotAvailableError, ModelFileError, WeightsNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     net.use_object_score = not no_object_score
-    own_size = net.test_size or {}
-    short_side = short_side if short_side is not None else int(own_size.get("short_side", 640))
-    max_size = max_size if max_size is not None else int(own_size.get("max_size", 2560))
+    own_size = test_size_of(net)
+    short_side = short_side if short_side is not None else own_size["short_side"]
+    max_size = max_size if max_size is not None else own_size["max_size"]
     if vocabulary is None:
         if net.vocabulary is None:
             raise fail(f"model '{model}' stores no vocabulary: give one with --vocab")
@@ -384,9 +349,9 @@ def segment_command(
             raise fail(str(exc)) from None
     options = RunOptions(
         formats=formats,
-        postprocess=PostprocessConfig(tasks=tasks, object_mask_threshold=object_threshold,
-                                      overlap_threshold=overlap_threshold, detections_per_image=topk,
-                                      semantic_order=semantic_order, instance_keep_stuff=instance_keep_stuff),
+        postprocess=postprocess_config(net, tasks, object_mask_threshold=object_threshold,
+                                       overlap_threshold=overlap_threshold, detections_per_image=topk,
+                                       semantic_order=semantic_order, instance_keep_stuff=instance_keep_stuff),
         batch_size=batch_size, short_side=short_side, max_size=max_size, shard=shard_spec, overwrite=overwrite,
         recursive=recursive, extensions=tuple(f".{e.lstrip('.')}" for e in _split_list(ext, "ext")) if ext else None,
         every=every, start=start, end=end,
@@ -409,7 +374,8 @@ def segment_command(
             summary = segment(net, vocabulary, source, out, options, model_id, templates=template_list,
                               precision=precision, on_item=on_item, stdin=sys.stdin)
     except (FingerprintMismatchError, SourceError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc).replace("overwrite=True replaces them; or use another output folder",
+                                    "use --overwrite to replace them, or another --out")) from None
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
@@ -491,9 +457,10 @@ def eval_command(
     batch_size: int = typer.Option(1, min=1, help="Images per model call."),
     short_side: int | None = typer.Option(None, help="Override the dataset's test short side."),
     max_size: int | None = typer.Option(None, help="Override the dataset's test long-side cap."),
-    object_threshold: float = typer.Option(0.3, help="Panoptic object-mask threshold."),
-    overlap_threshold: float = typer.Option(0.3, help="Panoptic overlap threshold."),
-    topk: int = typer.Option(100, help="Instance detections per image."),
+    object_threshold: float | None = typer.Option(None, help="Panoptic object-mask threshold (default: the "
+                                                  "model's, 0.3 unless its file says)."),
+    overlap_threshold: float | None = typer.Option(None, help="Panoptic overlap threshold (default: the model's)."),
+    topk: int | None = typer.Option(None, help="Instance detections per image (default: the model's)."),
     semantic_order: str = typer.Option("padded", help="padded or resized (see segment --help)."),
     instance_keep_stuff: bool = typer.Option(False, help="Instance: keep stuff classes too."),
     no_object_score: bool = typer.Option(False, help="Classify with p_clip alone (Table 3 ablation)."),
@@ -508,6 +475,8 @@ def eval_command(
     from masqclip_cli.data.datasets import DatasetError, load_dataset
     from masqclip_cli.evaluation.runner import EvalError, EvalOptions, evaluate, report_protocol, write_report
     from masqclip_cli.inference.postprocess import PostprocessConfig
+    from masqclip_cli.inference.predictor import postprocess_config
+    from masqclip_cli.modeling.factory import DEFAULT_MODEL, resolve_device
     from masqclip_cli.vocab import VocabularyError, read_templates
 
     overrides = {k: v for k, v in {"images": images, "labels": labels, "panoptic_json": panoptic_json,
@@ -519,36 +488,39 @@ def eval_command(
     except (DatasetError, VocabularyError) as exc:
         raise fail(str(exc)) from None
     tasks = _split_list(task, "task", TASKS) if task else (data.task,)
-    options = EvalOptions(
-        tasks=tasks,
-        postprocess=PostprocessConfig(tasks=tasks, object_mask_threshold=object_threshold,
-                                      overlap_threshold=overlap_threshold, detections_per_image=topk,
-                                      semantic_order=semantic_order, instance_keep_stuff=instance_keep_stuff),
-        short_side=short_side, max_size=max_size, batch_size=batch_size, limit=limit,
-    )
+    thresholds = {"object_mask_threshold": object_threshold, "overlap_threshold": overlap_threshold,
+                  "detections_per_image": topk, "semantic_order": semantic_order,
+                  "instance_keep_stuff": instance_keep_stuff}
     net = None
     model_name = None
-    picked = _pick_device(device)
+    picked = resolve_device(device)
     if predictions is None:
         import torch
 
         from masqclip_cli.modeling.checkpoint import ModelFileError
         from masqclip_cli.modeling.clip_loader import WeightsNotFoundError
-        from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model
+        from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model, model_identity
         from masqclip_cli.modeling.text import TextEmbeddingCache
 
         if threads:
             torch.set_num_threads(threads)
-        model_name = model or "masqclip-coco"
+        model_name = model or DEFAULT_MODEL
         try:
             net = load_model(model_name, device=picked, precision=precision)
-            model_id = _model_identity(model_name)
+            model_id = model_identity(model_name)
             net.use_object_score = not no_object_score
             net.set_vocabulary(data.vocabulary, templates=template_list, cache=TextEmbeddingCache())
         except (ModelNotAvailableError, ModelFileError, WeightsNotFoundError, ValueError) as exc:
             raise fail(str(exc)) from None
     elif model is not None:
         raise fail("give --model or --predictions, not both")
+    try:
+        config = postprocess_config(net, tasks, **thresholds) if net is not None else PostprocessConfig(
+            tasks=tasks, **{k: v for k, v in thresholds.items() if v is not None})
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    options = EvalOptions(tasks=tasks, postprocess=config, short_side=short_side, max_size=max_size,
+                          batch_size=batch_size, limit=limit)
     distributed = _init_distributed(picked)
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     try:
@@ -709,12 +681,24 @@ def train_command(
         err.print(f"interrupted: {exc or 'stopped'}", highlight=False)
         raise typer.Exit(130) from None
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(_as_flags(str(exc))) from None
     if rank0:
         seconds = time.perf_counter() - t0
         per_iter = f", {result.seconds_per_iteration:.3f} s/iteration" if result.seconds_per_iteration else ""
         err.print(f"{stage}: {result.iterations_run} iterations in {seconds:.1f} s{per_iter}; model: {result.final}",
                   highlight=False)
+
+
+#: How the training library's setting names read on this command line (its messages name settings, not flags).
+_SETTING_FLAGS = {"teacher=FILE": "--teacher FILE", "proposals=FILE": "--proposals FILE",
+                  "resume=False": "--no-resume", "clip_weights=": "--clip-weights ", "clip=": "--clip ",
+                  "override ": "--set "}
+
+
+def _as_flags(message: str) -> str:
+    for setting, flag in _SETTING_FLAGS.items():
+        message = message.replace(setting, flag)
+    return message
 
 
 def main() -> None:

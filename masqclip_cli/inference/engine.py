@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import shutil
 import signal
@@ -32,12 +33,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from masqclip_cli.inference.postprocess import PostprocessConfig, postprocess
+from masqclip_cli.inference.postprocess import PostprocessConfig
+from masqclip_cli.inference.predictor import Predictor
+from masqclip_cli.inference.preprocess import prepare_image
+from masqclip_cli.io.files import atomic_write_text, remove_stale_temp_files
 from masqclip_cli.io.sources import SkipItem, SkippedItem, SourceItem, decode_item, iter_items, iter_video_frames
 from masqclip_cli.io.writers import make_writers
-from masqclip_cli.io.writers.base import ItemInfo, Writer, atomic_write_text, remove_stale_temp_files
+from masqclip_cli.io.writers.base import ItemInfo, Writer
 from masqclip_cli.modeling.masqclip import MasQCLIP
 from masqclip_cli.vocab import Vocabulary
 
@@ -46,8 +49,8 @@ __all__ = [
     "RunOptions",
     "RunSummary",
     "in_shard",
+    "resolve_shard",
     "merge_outputs",
-    "resize_shape",
     "run_fingerprint",
     "segment",
 ]
@@ -56,7 +59,7 @@ STATE_DIR = ".masqclip"
 
 
 class FingerprintMismatchError(RuntimeError):
-    """``--out`` holds the outputs of a run with another model, vocabulary or options."""
+    """The output folder holds the outputs of a run with another model, vocabulary or options."""
 
 
 @dataclass(frozen=True)
@@ -114,15 +117,23 @@ class RunSummary:
         return 1 if (self.failed or self.skipped) else 0
 
 
-def resize_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    """The official test resize (ResizeShortestEdge): short side to ``short_side``, long side at most ``max_size``;
-    ``short_side <= 0`` keeps the size."""
-    if short_side <= 0:
-        return height, width
-    scale = short_side / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+def resolve_shard(spec: str | None, environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """``(index, count)`` of a shard spec ``"i/n"`` (``0 <= i < n``); None: under torchrun (``RANK`` /
+    ``WORLD_SIZE`` > 1 in ``environ``, default ``os.environ``) one shard per process, else ``(0, 1)``. ValueError
+    for a malformed spec."""
+    if spec is None:
+        env = os.environ if environ is None else environ
+        rank, world = env.get("RANK"), env.get("WORLD_SIZE")
+        if rank is not None and world is not None and int(world) > 1:
+            return int(rank), int(world)
+        return 0, 1
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"expected i/n (e.g. 0/4), got '{spec}'") from None
+    if not 0 <= index < count:
+        raise ValueError(f"index {index} is not in 0..{count - 1}")
+    return index, count
 
 
 def in_shard(item_id: str, shard: tuple[int, int]) -> bool:
@@ -193,7 +204,7 @@ def _check_fingerprint(out_dir: Path, fingerprint: dict, overwrite: bool) -> Non
         if not overwrite:
             raise FingerprintMismatchError(
                 f"{out_dir}: holds outputs of a run with another model, vocabulary or options "
-                "(use --overwrite to replace them, or another --out)"
+                "(overwrite=True replaces them; or use another output folder)"
             )
         shutil.rmtree(out_dir / STATE_DIR / "items", ignore_errors=True)
     atomic_write_text(run_file, text)
@@ -221,14 +232,6 @@ class _Decoder:
         return self.frame(item) if item.frame is not None else decode_item(item).rgb
 
 
-def _resize(rgb: np.ndarray, short_side: int, max_size: int) -> torch.Tensor:
-    h, w = rgb.shape[:2]
-    nh, nw = resize_shape(h, w, short_side, max_size)
-    if (nh, nw) != (h, w):
-        rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8, order="C")).permute(2, 0, 1)  # a writable copy
-
-
 def _producer(items: Iterable[SourceItem], options: RunOptions, out: queue.Queue, stop: threading.Event) -> None:
     decode = _Decoder(options)
     for item in items:
@@ -237,7 +240,7 @@ def _producer(items: Iterable[SourceItem], options: RunOptions, out: queue.Queue
         start = time.perf_counter()
         try:
             rgb = decode(item)
-            tensor = _resize(rgb, options.short_side, options.max_size)
+            tensor = prepare_image(rgb, options.short_side, options.max_size)
             payload: Any = (rgb, tensor)
         except SkipItem as exc:
             payload = exc
@@ -277,8 +280,7 @@ def segment(
     t_start = time.perf_counter()
     summary = RunSummary()
     writers: list[Writer] = make_writers(options.formats, out_dir, vocab, **options.writer_options)
-    tasks = set(options.postprocess.tasks)
-    isthing = list(vocab.isthing)
+    predictor = Predictor.for_encoded(model, vocab, options.postprocess, options.short_side, options.max_size)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out_dir)  # left by a killed run
@@ -340,7 +342,7 @@ def segment(
                 else:
                     batch.append((item, *payload))
             if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set()):
-                for item_id, record in _run_batch(model, batch, writers, tasks, isthing, options, out_dir, summary):
+                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary):
                     finished += 1
                     if record is not None and out_dir is not None:
                         infos[item_id] = _item_info(record)
@@ -372,10 +374,10 @@ def segment(
     return summary
 
 
-def _run_batch(model, batch, writers, tasks, isthing, options, out_dir, summary) -> Iterator[tuple[str, dict | None]]:
+def _run_batch(predictor, batch, writers, out_dir, summary) -> Iterator[tuple[str, dict | None]]:
     t0 = time.perf_counter()
     try:
-        outputs = model([tensor for _, _, tensor in batch])
+        outputs = predictor.forward([tensor for _, _, tensor in batch])
     except Exception as exc:  # noqa: BLE001 - a failing batch is retried image by image
         if len(batch) == 1:
             item = batch[0][0]
@@ -383,15 +385,14 @@ def _run_batch(model, batch, writers, tasks, isthing, options, out_dir, summary)
             yield item.id, None
             return
         for single in batch:
-            yield from _run_batch(model, [single], writers, tasks, isthing, options, out_dir, summary)
+            yield from _run_batch(predictor, [single], writers, out_dir, summary)
         return
     summary.seconds["model"] += time.perf_counter() - t0
     for (item, rgb, _), out in zip(batch, outputs):
         try:
             t1 = time.perf_counter()
             height, width = rgb.shape[:2]
-            seg = postprocess(out.mask_logits, out.p_cls, isthing, image_size=out.image_size,
-                              padded_size=out.padded_size, output_size=(height, width), config=options.postprocess)
+            seg = predictor.postprocess(out, (height, width))
             t2 = time.perf_counter()
             summary.seconds["postprocess"] += t2 - t1
             info = ItemInfo(id=item.id, file_name=item.id, width=width, height=height)
@@ -410,7 +411,7 @@ def _run_batch(model, batch, writers, tasks, isthing, options, out_dir, summary)
 
 def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, formats: tuple[str, ...],
                   writer_options: dict[str, Any] | None = None) -> list[Path]:
-    """Join the ``--out`` folders of shards into one, equal to what a single run would have written.
+    """Join the output folders of shards into one, equal to what a single run would have written.
 
     All shards must share one fingerprint apart from the shard; per-item files and records are copied, the
     run-level files are assembled again from all records.

@@ -67,7 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from masqclip_cli.inference.result import Segment, Segmentation, mask_bbox
+from masqclip_cli.structures import TASKS, Segment, Segmentation
+from masqclip_cli.structures.masks import mask_bbox, segment_stats
 
 if TYPE_CHECKING:
     from masqclip_cli.modeling.masqclip import ImageOutput
@@ -84,7 +85,6 @@ __all__ = [
     "semantic_scores",
 ]
 
-TASKS: tuple[str, ...] = ("semantic", "panoptic", "instance")
 SEMANTIC_ORDERS: tuple[str, ...] = ("padded", "resized")
 
 _DEFAULT_MAX_CHUNK_BYTES = 512 * 2**20
@@ -306,34 +306,6 @@ def _running_argmax(
     if cextra is not None:
         out.append(torch.where(upd, cextra, state[2]))
     return out
-
-
-def _segment_stats(panoptic: Tensor, num_ids: int) -> tuple[list[int], list[tuple[float, float, float, float]]]:
-    """Area and COCO box of ids ``0..num_ids`` in an int32 ``(H, W)`` map, in row bands (no per-segment full scan)."""
-    h, w = panoptic.shape
-    dev = panoptic.device
-    n1 = num_ids + 1
-    area = torch.zeros(n1, dtype=torch.int64, device=dev)
-    row_hit = torch.zeros(n1 * h, dtype=torch.bool, device=dev)
-    col_hit = torch.zeros(n1 * w, dtype=torch.bool, device=dev)
-    band = max(1, (1 << 22) // max(1, w))
-    cols = torch.arange(w, device=dev)
-    for r0 in range(0, h, band):
-        blk = panoptic[r0 : r0 + band].long()
-        area += torch.bincount(blk.flatten(), minlength=n1)
-        rows = torch.arange(r0, r0 + blk.shape[0], device=dev)
-        row_hit[(blk * h + rows[:, None]).flatten()] = True
-        col_hit[(blk * w + cols[None, :]).flatten()] = True
-    rh, ch = row_hit.view(n1, h).cpu(), col_hit.view(n1, w).cpu()
-    boxes: list[tuple[float, float, float, float]] = []
-    for i in range(n1):
-        rs, cs = torch.nonzero(rh[i]).flatten(), torch.nonzero(ch[i]).flatten()
-        if rs.numel() == 0:
-            boxes.append((0.0, 0.0, 0.0, 0.0))
-            continue
-        y0, y1, x0, x1 = int(rs[0]), int(rs[-1]), int(cs[0]), int(cs[-1])
-        boxes.append((float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)))
-    return [int(a) for a in area.cpu()], boxes
 
 
 # ---------------------------------------------------------------------------------------------------- semantic
@@ -596,11 +568,13 @@ def _panoptic(
     lut = torch.tensor(ids, dtype=torch.int32, device=device)
     panoptic = torch.where(win_ge, lut[arg], torch.zeros((), dtype=torch.int32, device=device))
     del arg, win_ge
+    panoptic_map = panoptic.cpu().numpy().astype(np.int32, copy=False)
+    del panoptic
     if segments:
-        areas, boxes = _segment_stats(panoptic, len(segments))
-        for seg in segments:
-            seg.area, seg.bbox = areas[seg.id], boxes[seg.id]
-    return panoptic.cpu().numpy().astype(np.int32, copy=False), segments
+        _, areas, boxes = segment_stats(panoptic_map, [seg.id for seg in segments])
+        for seg, area, box in zip(segments, areas, boxes):
+            seg.area, seg.bbox = area, tuple(float(v) for v in box)
+    return panoptic_map, segments
 
 
 @torch.no_grad()

@@ -25,8 +25,8 @@ from masqclip_cli.inference.postprocess import (
     semantic_inference,
     semantic_scores,
 )
-from masqclip_cli.inference.result import Segmentation
 from masqclip_cli.modeling.proposals.network import postprocess_masks
+from masqclip_cli.structures import Segmentation
 
 BIG = 5.0  # σ(5) = 0.9933, σ(-5) = 0.0067
 
