@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections.abc
 import colorsys
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -117,6 +118,8 @@ class VocabClass:
     color: tuple[int, int, int] | None = None
     encode_name: bool = True
     line: int | None = field(default=None, compare=False)
+    min_score: float | None = None
+    supercategory: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields; the dataclass stays hashable.
@@ -325,6 +328,10 @@ class Vocabulary(collections.abc.Sequence[VocabClass]):
                 item["color"] = list(c.color)
             if not c.encode_name:
                 item["encode_name"] = False
+            if c.min_score is not None:
+                item["min_score"] = c.min_score
+            if c.supercategory is not None:
+                item["supercategory"] = c.supercategory
             out.append(item)
         return out
 
@@ -333,10 +340,12 @@ class Vocabulary(collections.abc.Sequence[VocabClass]):
         """Build a vocabulary from decoded JSON.
 
         ``obj`` is a list of class objects, or an object with a ``"categories"`` list of them (so a
-        COCO categories list works; unknown keys such as ``supercategory`` are ignored). Each class
+        COCO categories list works; unknown keys are ignored). Each class
         object needs ``name`` (str) and may have ``synonyms`` ([str]), ``isthing`` (bool or 0/1),
-        ``id`` (int >= 0), ``color`` ([r, g, b], ints 0-255) and ``encode_name`` (bool). A bare
-        string item is a class with just that name. Errors name ``source`` and the 1-based item.
+        ``id`` (int >= 0), ``color`` ([r, g, b], ints 0-255), ``encode_name`` (bool), ``min_score`` (a number
+        in [0, 1]: the class's own pre-annotation score floor) and ``supercategory`` (str, written to COCO
+        categories). A bare string item is a class with just that name. Errors name ``source`` and the 1-based
+        item.
         """
         items = obj
         if isinstance(obj, dict):
@@ -413,7 +422,17 @@ def _class_from_json(item: Any, source: str, number: int) -> VocabClass:
     if not encode_name and not synonyms:
         raise fail("'encode_name' is false but there are no 'synonyms' to encode")
 
-    return VocabClass(name, synonyms, isthing, class_id, color, encode_name)
+    min_score = item.get("min_score")
+    if min_score is not None:
+        if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 1:
+            raise fail(f"'min_score' must be a number in [0, 1], got {min_score!r}")
+        min_score = float(min_score)
+    supercategory = item.get("supercategory")
+    if supercategory is not None and not isinstance(supercategory, str):
+        raise fail(f"'supercategory' must be a string, got {_json_type(supercategory)}")
+
+    return VocabClass(name, synonyms, isthing, class_id, color, encode_name, min_score=min_score,
+                      supercategory=supercategory)
 
 
 # --- text format ---------------------------------------------------------------------------------
@@ -486,7 +505,7 @@ def parse_text(text: str, source: str = "<text>") -> Vocabulary:
 
 
 def _with_line(cls: VocabClass, line: int) -> VocabClass:
-    return VocabClass(cls.name, cls.synonyms, cls.isthing, cls.id, cls.color, cls.encode_name, line)
+    return dataclasses.replace(cls, line=line)
 
 
 def parse_inline(spec: str) -> Vocabulary:

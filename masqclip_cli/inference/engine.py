@@ -169,7 +169,8 @@ def _read_record(out_dir: Path, item_id: str) -> dict | None:
 
 
 def _item_info(record: dict) -> ItemInfo:
-    return ItemInfo(id=record["id"], file_name=record["file_name"], width=record["width"], height=record["height"])
+    return ItemInfo(id=record["id"], file_name=record["file_name"], width=record["width"], height=record["height"],
+                    source=record.get("source"))
 
 
 class _StoredRecords(Sequence):
@@ -395,8 +396,11 @@ def _run_batch(predictor, batch, writers, out_dir, summary) -> Iterator[tuple[st
             seg = predictor.postprocess(out, (height, width))
             t2 = time.perf_counter()
             summary.seconds["postprocess"] += t2 - t1
-            info = ItemInfo(id=item.id, file_name=item.id, width=width, height=height)
+            source = str(item.path.resolve()) if any(w.needs_source for w in writers) else None
+            info = ItemInfo(id=item.id, file_name=item.id, width=width, height=height, source=source)
             record = {"id": item.id, "file_name": item.id, "width": width, "height": height, "writers": {}}
+            if source is not None:  # only when a writer needs it: other runs' records stay as they were
+                record["source"] = source
             for writer in writers:
                 record["writers"][writer.name] = writer.write_item(info, seg, rgb if writer.needs_image else None)
             if out_dir is not None:

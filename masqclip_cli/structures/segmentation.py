@@ -12,7 +12,7 @@ an integer index or iteration gives :class:`Segment` rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -231,6 +231,18 @@ class Segments:
         return f"Segments({len(self)} rows{', with masks' if self.masks is not None else ''})"
 
 
+def _best_label_per_mask(table: Segments) -> np.ndarray:
+    """Row indices (in table order) of the best-scoring row of each distinct mask: rows of one query share one mask;
+    rows without a query (-1) are compared by their pixels."""
+    best: dict[Any, int] = {}
+    for k in range(len(table)):
+        q = int(table.query[k])
+        key = ("q", q) if q >= 0 else ("m", np.packbits(np.asarray(table.masks[k], bool)).tobytes())
+        if key not in best or table.score[k] > table.score[best[key]]:
+            best[key] = k
+    return np.array(sorted(best.values()), dtype=np.int64)
+
+
 def _as_table(value: Segments | Iterable[Segment] | None, class_names: Sequence[str] | None) -> Segments | None:
     if value is None:
         return None
@@ -304,24 +316,42 @@ class Segmentation:
     # --- filtering ---------------------------------------------------------------------------------------------
     def filter(
         self,
-        min_score: float | None = None,
+        min_score: float | Mapping[int | str, float] | None = None,
         min_area: float | None = None,
         classes: Iterable[int | str] | None = None,
+        max_per_image: int | None = None,
+        one_label_per_mask: bool = False,
     ) -> Segmentation:
-        """A new result keeping only segments with ``score >= min_score``, ``area >= min_area`` pixels (a value
-        below 1 is a fraction of the image area) and a class among ``classes`` (indices or names).
+        """A new result keeping only what passes every given control.
+
+        Args:
+            min_score: keep ``score >= min_score``; a mapping gives a floor per class (index or name; classes it
+                does not name are kept).
+            min_area: keep ``area >= min_area`` pixels; a value below 1 is a fraction of the image area.
+            classes: keep these classes (indices or names).
+            max_per_image: keep the best-scoring ``max_per_image`` instances (panoptic segments are a partition of
+                the image and are not capped).
+            one_label_per_mask: instances that share one mask (the same query under several classes, as the
+                top-k over query x class pairs gives) keep only their best-scoring class.
 
         Instances and panoptic segments are filtered (pixels of a dropped panoptic segment become 0, unlabelled);
-        the semantic map, which has no scores, only by ``classes`` (other pixels become -1).
+        the semantic map, which has no scores, only by ``classes`` (other pixels become -1). Instance ids are kept
+        (they are ranks in the unfiltered result).
         """
         h, w = self.image_size
         area_floor = None if min_area is None else (min_area * h * w if 0 < min_area < 1 else min_area)
         wanted = None if classes is None else self._class_index(classes)
+        floors = None
+        if isinstance(min_score, Mapping):
+            floors = {next(iter(self._class_index([c]))): float(v) for c, v in min_score.items()}
 
         def keep(table: Segments) -> np.ndarray:
             ok = np.ones(len(table), dtype=bool)
-            if min_score is not None:
-                ok &= table.score >= min_score
+            if floors is not None:
+                floor = np.array([floors.get(c, -np.inf) for c in table.class_id.tolist()], dtype=np.float64)
+                ok &= table.score >= floor
+            elif min_score is not None:
+                ok &= table.score >= float(min_score)
             if area_floor is not None:
                 ok &= table.area >= area_floor
             if wanted is not None:
@@ -336,6 +366,11 @@ class Segmentation:
         if semantic is not None and wanted is not None:
             semantic = np.where(np.isin(semantic, list(wanted)), semantic, -1).astype(semantic.dtype)
         instances = None if self.instances is None else self.instances[keep(self.instances)]
+        if instances is not None and one_label_per_mask:
+            instances = instances[_best_label_per_mask(instances)]
+        if instances is not None and max_per_image is not None:
+            order = np.argsort(-instances.score, kind="stable")[: max(0, int(max_per_image))]
+            instances = instances[np.sort(order)]
         return replace(self, semantic=semantic, panoptic=panoptic, segments=segments, instances=instances)
 
     # --- conversions -------------------------------------------------------------------------------------------

@@ -178,3 +178,21 @@ def test_instance_polygons_rasterise_back():
             iou = (back & inst.mask).sum() / (back | inst.mask).sum()
             assert iou >= 0.95, (inst.name, tolerance, iou)
         assert sum(len(p.holes) for p in mask_to_polygons(inst.mask)) == (1 if inst.name == "car" else 0)
+
+
+def test_preannotation_controls():
+    seg = make()
+    # per-class floors (by name or index); a class not named keeps all its rows
+    per_class = seg.filter(min_score={"car": 0.5})
+    assert per_class.instances.id.tolist() == [1, 2, 3]  # the 0.05 car goes, both persons stay
+    assert per_class.filter(min_score={0: 0.5}).instances.id.tolist() == [1, 2]
+    # one label per mask: instances 1 (car 0.95) and 3 (person 0.2) are the same query's mask
+    one = seg.filter(one_label_per_mask=True)
+    assert one.instances.id.tolist() == [1, 2, 4] and one.instances.class_name.tolist() == ["car", "person", "car"]
+    assert len({m.tobytes() for m in one.instances.masks}) == 3  # distinct masks only
+    # the best max_per_image, in their original order; panoptic segments are never capped
+    top = seg.filter(max_per_image=2)
+    assert top.instances.id.tolist() == [1, 2] and len(top.segments) == 4
+    assert seg.filter(max_per_image=0).instances.id.tolist() == []
+    both = seg.filter(min_area=2, one_label_per_mask=True, max_per_image=5)
+    assert both.instances.id.tolist() == [1, 2]

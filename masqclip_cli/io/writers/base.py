@@ -41,12 +41,15 @@ class ItemInfo:
         id: stable item id, unique in a run (e.g. ``"sub/a.jpg"``, ``"clip.mp4#000005"``); outputs are named from it.
         file_name: the name written into ``images[].file_name`` of the COCO-style JSON files.
         width, height: the image size in pixels.
+        source: the absolute path of the source file (for an image; a video for its frames), or None. Kept in the
+            item's record only when some writer of the run declares ``needs_source`` (e.g. to copy or link images).
     """
 
     id: str
     file_name: str
     width: int
     height: int
+    source: str | None = None
 
 
 def ranked_records(
@@ -109,6 +112,7 @@ class Writer(ABC):
         any_of_tasks: fields of which it needs at least one, in order of preference (first = the default to compute).
         default_for_task: the task whose default format it is (``--format`` omitted), or None.
         needs_image: whether :meth:`write_item` needs the decoded image.
+        needs_source: whether it needs ``ItemInfo.source`` (the source file's path), in write_item and finalize.
         needs_out_dir: whether it can run with ``out_dir=None``.
         option_defaults: the options it accepts, with their defaults.
     """
@@ -118,6 +122,7 @@ class Writer(ABC):
     any_of_tasks: ClassVar[tuple[str, ...]] = ()
     default_for_task: ClassVar[str | None] = None
     needs_image: ClassVar[bool] = False
+    needs_source: ClassVar[bool] = False
     needs_out_dir: ClassVar[bool] = True
     option_defaults: ClassVar[Mapping[str, Any]] = {}
 
@@ -172,7 +177,7 @@ class Writer(ABC):
             entry: dict[str, Any] = {
                 "id": self.category_ids[i],
                 "name": cls.name,
-                "supercategory": "",
+                "supercategory": cls.supercategory or "",
                 "isthing": int(cls.isthing),
             }
             if color:
