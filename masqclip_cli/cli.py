@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -233,6 +234,48 @@ def _split_list(value: str, what: str, allowed: tuple[str, ...] | None = None) -
     return items
 
 
+def _writer_options(pairs: list[str], **named: Any) -> dict[str, Any]:
+    """Writer options from ``--option key=value`` pairs (typed by the option's default) and the named flags."""
+    from masqclip_cli.io.writers import WRITERS
+
+    defaults = {k: v for cls in WRITERS.values() for k, v in cls.option_defaults.items()}
+    options = {k: v for k, v in named.items() if v is not None}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in defaults:
+            known = ", ".join(sorted(k for k in defaults if k != "stream"))
+            raise fail(f"--option {pair!r}: expected key=value with key one of {known}")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("true", "1", "yes")
+            elif isinstance(default, (int, float)):
+                value = type(default)(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise fail(f"--option {pair!r}: {key} takes a {type(default).__name__}") from None
+        options[key] = value
+    return options
+
+
+def _preannotation(min_score: float | None, min_area: float | None, max_per_image: int | None,
+                   one_label_per_mask: bool) -> Any:
+    from masqclip_cli.inference.preannotation import Preannotation
+
+    try:
+        return Preannotation(min_score=min_score, min_area=min_area, max_per_image=max_per_image,
+                             one_label_per_mask=one_label_per_mask)
+    except ValueError as exc:
+        message = str(exc)
+        for name in ("min_score", "min_area", "max_per_image"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise fail(message) from None
+
+
 def _parse_shard(value: str | None) -> tuple[int, int]:
     from masqclip_cli.inference.engine import resolve_shard
 
@@ -288,6 +331,19 @@ def segment_command(
     shard: str | None = typer.Option(None, help="Process shard i of n (i/n); under torchrun from RANK/WORLD_SIZE."),
     overwrite: bool = typer.Option(False, help="Replace outputs of a run with other options in --out."),
     palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
+    min_score: float | None = typer.Option(None, help="Pre-annotation: drop segments and instances scoring below "
+                                           "this (a class's own min_score in a JSON vocabulary wins)."),
+    min_area: float | None = typer.Option(None, help="Pre-annotation: drop those smaller than this many pixels "
+                                          "(a value below 1: a fraction of the image)."),
+    max_per_image: int | None = typer.Option(None, help="Pre-annotation: keep the best N instances per image."),
+    one_label_per_mask: bool = typer.Option(False, help="Pre-annotation: a mask found under several classes keeps "
+                                            "only its best class."),
+    ls_regions: str | None = typer.Option(None, help="label-studio: brush (RLE, lossless) or polygon regions."),
+    image_root: str | None = typer.Option(None, help="label-studio: how tasks reference images: a URL or path "
+                                          "prefix joined with the item id (default /data/local-files/?d=)."),
+    writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable), "
+                                            "e.g. cvat_shapes=polygon, labelme_shapes=mask, yolo_images=symlink, "
+                                            "voc_objects=things; see docs/formats.md."),
 ) -> None:
     """Segment images, folders, lists and videos; write COCO JSON, panoptic PNGs, label maps, overlays or JSONL.
 
@@ -309,6 +365,9 @@ def segment_command(
     formats = _split_list(fmt, "format", tuple(WRITERS)) if fmt else default_formats(tasks)
     for name, absent in missing_tasks(formats, tasks).items():  # before the model loads
         raise fail(f"--format {name} needs --task {' or '.join(absent)} (add it to --task)")
+    writer_options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
+                                     ls_image_root=image_root)
+    controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
     if out is None and formats != ("jsonl",):
         raise fail("--out is required (only --format jsonl can stream to stdout without it)")
     if semantic_order not in ("padded", "resized"):
@@ -355,7 +414,8 @@ def segment_command(
         batch_size=batch_size, short_side=short_side, max_size=max_size, shard=shard_spec, overwrite=overwrite,
         recursive=recursive, extensions=tuple(f".{e.lstrip('.')}" for e in _split_list(ext, "ext")) if ext else None,
         every=every, start=start, end=end,
-        writer_options=({"palette": True} if palette else {}) | ({"stream": sys.stdout} if out is None else {}),
+        writer_options=writer_options | ({"stream": sys.stdout} if out is None else {}),
+        preannotation=controls,
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -397,6 +457,50 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
         err.print(f"failed: {reason}", highlight=False, soft_wrap=True)
     if summary.interrupted:
         err.print("interrupted: finished items were kept and assembled; run again to resume", highlight=False)
+
+
+@app.command("export")
+def export_command(
+    run: Path = typer.Argument(..., help="The --out folder of a finished `masqclip segment` run."),
+    fmt: str = typer.Option(..., "--format", "-f", help="Comma list of formats to write (any `segment` writes)."),
+    out: Path = typer.Option(..., "--out", "-o", help="A new folder for the exported files."),
+    min_score: float | None = typer.Option(None, help="Pre-annotation: drop segments and instances scoring below "
+                                           "this (a class's own min_score in a JSON vocabulary wins)."),
+    min_area: float | None = typer.Option(None, help="Pre-annotation: drop those smaller than this many pixels "
+                                          "(a value below 1: a fraction of the image)."),
+    max_per_image: int | None = typer.Option(None, help="Pre-annotation: keep the best N instances per image."),
+    one_label_per_mask: bool = typer.Option(False, help="Pre-annotation: a mask found under several classes keeps "
+                                            "only its best class."),
+    palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
+    ls_regions: str | None = typer.Option(None, help="label-studio: brush (RLE, lossless) or polygon regions."),
+    image_root: str | None = typer.Option(None, help="label-studio: URL or path prefix of the images."),
+    writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable)."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export with other options in --out."),
+) -> None:
+    """Write any format from a finished segment run, without the model (from the results the run kept).
+
+    Exporting a run's own format with its own options reproduces its files byte for byte. Exit codes: 0 all
+    exported, 1 some items failed, 2 usage error or not a run.
+    """
+    from masqclip_cli.inference.engine import FingerprintMismatchError
+    from masqclip_cli.inference.export import export_run
+    from masqclip_cli.io.writers import WRITERS
+
+    formats = _split_list(fmt, "format", tuple(WRITERS))
+    options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions, ls_image_root=image_root)
+    controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
+    try:
+        summary = export_run(run, out, formats, writer_options=options, preannotation=controls, overwrite=overwrite)
+    except FingerprintMismatchError as exc:
+        raise fail(str(exc).replace("overwrite=True replaces them; or use another output folder",
+                                    "use --overwrite to replace them, or another --out")) from None
+    except ValueError as exc:
+        raise fail(f"--format: {exc}") from None
+    err.print(f"{summary.done} exported, {len(summary.failed)} failed into {out} "
+              f"({len(summary.written)} run-level files)", highlight=False)
+    for _, reason in summary.failed:
+        err.print(f"failed: {reason}", highlight=False, soft_wrap=True)
+    raise typer.Exit(summary.exit_code)
 
 
 @app.command("merge")

@@ -35,13 +35,16 @@ import numpy as np
 import torch
 
 from masqclip_cli.inference.postprocess import PostprocessConfig
+from masqclip_cli.inference.preannotation import Preannotation
 from masqclip_cli.inference.predictor import Predictor
 from masqclip_cli.inference.preprocess import prepare_image
-from masqclip_cli.io.files import atomic_write_text, remove_stale_temp_files
+from masqclip_cli.io.files import atomic_write_text, dumps_json, remove_stale_temp_files
 from masqclip_cli.io.sources import SkipItem, SkippedItem, SourceItem, decode_item, iter_items, iter_video_frames
 from masqclip_cli.io.writers import make_writers
 from masqclip_cli.io.writers.base import ItemInfo, Writer
 from masqclip_cli.modeling.masqclip import MasQCLIP
+from masqclip_cli.structures import Segmentation
+from masqclip_cli.structures.segmentation import segmentation_from_record, segmentation_to_record
 from masqclip_cli.vocab import Vocabulary
 
 __all__ = [
@@ -80,9 +83,10 @@ class RunOptions:
     end: float | None = None
     prefetch: int = 4
     writer_options: dict[str, Any] = field(default_factory=dict)
+    preannotation: Preannotation = field(default_factory=Preannotation)
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "formats": sorted(self.formats),
             "postprocess": asdict(self.postprocess) | {"chunk_size": None, "max_chunk_bytes": None},
             "short_side": self.short_side,
@@ -90,6 +94,9 @@ class RunOptions:
             "shard": list(self.shard),
             "writer_options": {k: v for k, v in sorted(self.writer_options.items()) if k != "stream"},
         }
+        if self.preannotation != Preannotation():  # only when set: earlier runs keep their fingerprints
+            fields["preannotation"] = self.preannotation.to_json()
+        return fields
 
 
 @dataclass
@@ -155,9 +162,32 @@ def run_fingerprint(model_id: str, vocab: Vocabulary, templates: list[str] | Non
     }
 
 
-def _record_path(out_dir: Path, item_id: str) -> Path:
+def _state_path(out_dir: Path, kind: str, item_id: str) -> Path:
     safe = "/".join(p for p in item_id.replace("\\", "/").split("/") if p not in ("", ".", ".."))
-    return out_dir / STATE_DIR / "items" / f"{safe}.json"
+    return out_dir / STATE_DIR / kind / f"{safe}.json"
+
+
+def _record_path(out_dir: Path, item_id: str) -> Path:
+    return _state_path(out_dir, "items", item_id)
+
+
+def result_path(out_dir: Path, item_id: str) -> Path:
+    """Where a run keeps an item's whole result (``.masqclip/results/<item id>.json``)."""
+    return _state_path(out_dir, "results", item_id)
+
+
+def write_result(out_dir: Path, item: SourceItem, seg: Segmentation) -> Path:
+    """Keep an item's whole result (every task, before the pre-annotation controls) and its source, losslessly
+    (:func:`~masqclip_cli.structures.segmentation.segmentation_to_record`), so that any format can be written from
+    the run later without the model."""
+    body = {"source": str(Path(item.path).resolve()), "frame": item.frame, **segmentation_to_record(seg)}
+    return atomic_write_text(result_path(out_dir, item.id), dumps_json(body) + "\n")
+
+
+def read_result(out_dir: Path, item_id: str, vocab: Vocabulary) -> tuple[Segmentation, str, int | None]:
+    """``(result, source path, frame)`` of an item that a run kept (OSError / ValueError when it cannot)."""
+    body = json.loads(result_path(out_dir, item_id).read_text())
+    return segmentation_from_record(body, vocab), str(body["source"]), body.get("frame")
 
 
 def _read_record(out_dir: Path, item_id: str) -> dict | None:
@@ -208,6 +238,7 @@ def _check_fingerprint(out_dir: Path, fingerprint: dict, overwrite: bool) -> Non
                 "(overwrite=True replaces them; or use another output folder)"
             )
         shutil.rmtree(out_dir / STATE_DIR / "items", ignore_errors=True)
+        shutil.rmtree(out_dir / STATE_DIR / "results", ignore_errors=True)
     atomic_write_text(run_file, text)
 
 
@@ -303,7 +334,8 @@ def segment(
     todo: list[SourceItem] = []
     for item in listed:
         record = _read_record(out_dir, item.id) if out_dir is not None else None
-        if record is not None and all(p.is_file() for w in writers for p in w.item_files(_item_info(record))):
+        if (record is not None and result_path(out_dir, item.id).is_file()
+                and all(p.is_file() for w in writers for p in w.item_files(_item_info(record)))):
             infos[item.id] = _item_info(record)
             summary.reused += 1
         else:
@@ -343,7 +375,7 @@ def segment(
                 else:
                     batch.append((item, *payload))
             if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set()):
-                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary):
+                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary, options.preannotation):
                     finished += 1
                     if record is not None and out_dir is not None:
                         infos[item_id] = _item_info(record)
@@ -375,7 +407,9 @@ def segment(
     return summary
 
 
-def _run_batch(predictor, batch, writers, out_dir, summary) -> Iterator[tuple[str, dict | None]]:
+def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, torch.Tensor]], writers: list[Writer],
+               out_dir: Path | None, summary: RunSummary, controls: Preannotation
+               ) -> Iterator[tuple[str, dict | None]]:
     t0 = time.perf_counter()
     try:
         outputs = predictor.forward([tensor for _, _, tensor in batch])
@@ -386,7 +420,7 @@ def _run_batch(predictor, batch, writers, out_dir, summary) -> Iterator[tuple[st
             yield item.id, None
             return
         for single in batch:
-            yield from _run_batch(predictor, [single], writers, out_dir, summary)
+            yield from _run_batch(predictor, [single], writers, out_dir, summary, controls)
         return
     summary.seconds["model"] += time.perf_counter() - t0
     for (item, rgb, _), out in zip(batch, outputs):
@@ -401,9 +435,12 @@ def _run_batch(predictor, batch, writers, out_dir, summary) -> Iterator[tuple[st
             record = {"id": item.id, "file_name": item.id, "width": width, "height": height, "writers": {}}
             if source is not None:  # only when a writer needs it: other runs' records stay as they were
                 record["source"] = source
+            if out_dir is not None:  # the whole result, before any control: what `export` re-writes from
+                write_result(out_dir, item, seg)
+            kept = controls.apply(seg, predictor.vocabulary)
             for writer in writers:
-                record["writers"][writer.name] = writer.write_item(info, seg, rgb if writer.needs_image else None)
-            if out_dir is not None:
+                record["writers"][writer.name] = writer.write_item(info, kept, rgb if writer.needs_image else None)
+            if out_dir is not None:  # the record last: an item is finished when its record exists
                 atomic_write_text(_record_path(out_dir, item.id), json.dumps(record, separators=(",", ":")) + "\n")
             summary.seconds["write"] += time.perf_counter() - t2
             summary.done += 1
@@ -448,6 +485,11 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
                     target = out_dir / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(d / rel, target)
+            kept = result_path(d, info.id)
+            if kept.is_file():
+                target = result_path(out_dir, info.id)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(kept, target)
             target = _record_path(out_dir, info.id)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(record_file, target)

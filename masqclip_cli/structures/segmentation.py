@@ -20,6 +20,7 @@ import numpy as np
 
 from masqclip_cli.structures.masks import (
     MAX_SEGMENT_ID,
+    decode_rle,
     encode_rle,
     id_to_rgb,
     mask_stats,
@@ -27,7 +28,15 @@ from masqclip_cli.structures.masks import (
     segment_stats,
 )
 
-__all__ = ["TASKS", "ClassList", "Segment", "Segmentation", "Segments"]
+__all__ = [
+    "TASKS",
+    "ClassList",
+    "Segment",
+    "Segmentation",
+    "Segments",
+    "segmentation_from_record",
+    "segmentation_to_record",
+]
 
 #: The tasks, each a field of :class:`Segmentation`: the one list every module (post-processing, writers, datasets,
 #: the command line) reads.
@@ -474,3 +483,77 @@ class Segmentation:
             class_id=table.class_id.astype(int),
             data={"class_name": np.array(table.class_name.tolist(), dtype=str)},
         )
+
+
+# --- a lossless, deterministic JSON form (what a run keeps per item, so that it can be exported again) ---------
+_COLUMNS = ("id", "class_id", "score", "isthing", "area", "bbox", "query")
+
+
+def _table_record(table: Segments, with_masks: bool) -> dict[str, Any]:
+    record: dict[str, Any] = {c: getattr(table, c).tolist() for c in _COLUMNS}
+    if with_masks and table.masks is not None:
+        # rows of one query share one mask: each distinct mask array is stored once
+        index: dict[int, int] = {}
+        rles: list[dict[str, Any]] = []
+        refs: list[int] = []
+        for mask in table.masks:
+            key = id(mask)
+            if key not in index:
+                index[key] = len(rles)
+                rles.append(encode_rle(np.asarray(mask, dtype=bool)))
+            refs.append(index[key])
+        record["masks"], record["mask_index"] = rles, refs
+    return record
+
+
+def _table_from_record(obj: dict[str, Any], class_names: Sequence[str] | None) -> Segments:
+    masks = None
+    if "masks" in obj:
+        planes = [decode_rle(r) for r in obj["masks"]]
+        masks = [planes[i] for i in obj["mask_index"]]
+    bbox = obj["bbox"] if obj["bbox"] else np.zeros((0, 4))
+    return Segments(obj["id"], obj["class_id"], obj["score"], obj["isthing"], obj["area"], bbox, obj["query"],
+                    masks=masks, class_names=class_names)
+
+
+def segmentation_to_record(seg: Segmentation) -> dict[str, Any]:
+    """``seg`` as JSON-able data that :func:`segmentation_from_record` reads back equal: maps as RLE (one per
+    segment id of the panoptic map, one per class of the semantic map), tables as columns (scores as float64 reprs,
+    exact), each distinct instance mask once. About the size of the COCO RLE of its masks."""
+    h, w = (int(v) for v in seg.image_size)
+    record: dict[str, Any] = {"image_size": [h, w], "semantic": None, "panoptic": None}
+    if seg.semantic is not None:
+        sem = np.asarray(seg.semantic)
+        values = [int(v) for v in np.unique(sem)]
+        record["semantic"] = {"dtype": sem.dtype.name, "values": values,
+                              "rle": [encode_rle(sem == v) for v in values]}
+    if seg.panoptic is not None:
+        pan = np.asarray(seg.panoptic)
+        values = [int(v) for v in np.unique(pan) if v != 0]
+        record["panoptic"] = {"dtype": pan.dtype.name, "values": values, "rle": [encode_rle(pan == v) for v in values]}
+    record["segments"] = _table_record(seg.segments, with_masks=False)
+    record["instances"] = None if seg.instances is None else _table_record(seg.instances, with_masks=True)
+    return record
+
+
+def segmentation_from_record(obj: dict[str, Any], vocab: ClassList | None = None) -> Segmentation:
+    """The :class:`Segmentation` a :func:`segmentation_to_record` record holds, carrying ``vocab``."""
+    h, w = (int(v) for v in obj["image_size"])
+    names = None if vocab is None else list(vocab.names)
+
+    def id_map(part: dict[str, Any] | None, fill: int) -> np.ndarray | None:
+        if part is None:
+            return None
+        out = np.full((h, w), fill, dtype=np.dtype(part["dtype"]))
+        for value, rle in zip(part["values"], part["rle"]):
+            out[decode_rle(rle)] = value
+        return out
+
+    return Segmentation(
+        (h, w),
+        semantic=id_map(obj["semantic"], 0),
+        panoptic=id_map(obj["panoptic"], 0),
+        segments=_table_from_record(obj["segments"], names),
+        instances=None if obj["instances"] is None else _table_from_record(obj["instances"], names),
+        vocab=vocab,
+    )
