@@ -1,14 +1,6 @@
-"""Output writers: what ``masqclip segment --format ...`` writes under ``--out``.
-
-=========  ====================================================================  =====================
-format     files                                                                 needs
-=========  ====================================================================  =====================
-coco       ``instances.json`` (COCO instance JSON, RLE masks)                    instance
-panoptic   ``panoptic/<id>.png`` + ``panoptic.json`` (COCO panoptic)             panoptic
-labels     ``labels/<id>.png`` (+ ``labels_color/<id>.png``), legend JSON        semantic
-overlay    ``overlay/<id>.jpg`` (or ``.png``): the image with masks drawn        any one, + the image
-jsonl      ``predictions.jsonl``, or one line per item on a stream               instance or panoptic
-=========  ====================================================================  =====================
+"""Output writers: what ``masqclip segment --format ...`` writes under ``--out``: ``coco``, ``panoptic``, ``labels``,
+``overlay``, ``jsonl`` and the labelling-tool formats ``cvat``, ``label-studio``, ``labelme``, ``yolo-seg``, ``voc``
+(docs/formats.md is the table of files, tasks and options; each module's docstring is its full reference).
 
 ``<id>`` is the item id with the suffix appended (``a.jpg`` -> ``a.jpg.png``), see :func:`output_path`.
 

@@ -18,11 +18,11 @@ background + 255). The object PNG uses VOC's standard object palette (:func:`voc
 colour n of that palette.
 
 Objects (option ``voc_objects``): ``"all"`` (default) numbers every panoptic segment with pixels, stuff included, in
-segment-id order; ``"things"`` numbers the thing segments only and leaves stuff at 0, as the VOC challenge did. The
-importers (datumaro's, hence CVAT's) build one mask annotation per object of ``SegmentationObject`` and take its label
-from ``SegmentationClass``; pixels outside every object yield no annotation. So with ``"all"`` the import gives back
-every segment and its class, lossless, while with ``"things"`` it drops the stuff regions (they stay in the class
-PNG). An image with more than 255 objects cannot be written (that item fails).
+segment-id order; ``"things"`` numbers the thing segments only and leaves stuff at 0, as the VOC challenge did.
+The importers (datumaro's, which CVAT's import runs) build one mask annotation per object of ``SegmentationObject``
+and take its label from ``SegmentationClass``; pixels outside every object yield no annotation. So with ``"all"``
+the import gives back every segment and its class, lossless, while with ``"things"`` it drops the stuff regions
+(they stay in the class PNG). An image with more than 255 objects cannot be written (that item fails).
 
 Masks are per-pixel, so holes and multi-part segments are kept exactly: an object is its pixels, however many
 parts or holes they form. Segments with no pixels in the map are skipped (no object number), and map pixels whose id

@@ -1,0 +1,17 @@
+"""docs/formats.md names every registered format and every option each one declares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from masqclip_cli.io.writers import WRITERS
+
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
+
+
+def test_every_format_and_option_is_documented():
+    rows = {line.split("|")[1].strip().strip("`"): line for line in DOC.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(WRITERS)
+    for name, cls in WRITERS.items():
+        for option in cls.option_defaults:
+            assert f"`{option}`" in rows[name], (name, option)
