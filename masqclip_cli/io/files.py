@@ -21,6 +21,7 @@ from PIL import Image
 __all__ = [
     "PNG_COMPRESS_LEVEL",
     "atomic_save_png",
+    "atomic_symlink",
     "atomic_write_bytes",
     "atomic_write_chunks",
     "atomic_write_json",
@@ -252,3 +253,31 @@ def atomic_save_png(
 ) -> Path:
     """:func:`encode_png` written atomically."""
     return atomic_write_bytes(path, encode_png(array, palette=palette))
+
+
+def atomic_symlink(path: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Make ``path`` a symbolic link to ``target``, atomically (a temporary link in the same folder, then
+    :func:`os.replace`); a link that already points there is left alone."""
+    path, target = Path(path), str(target)
+    try:
+        if path.is_symlink() and os.readlink(path) == target:
+            return path
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+        try:
+            os.symlink(target, tmp)
+            break
+        except FileExistsError:  # pragma: no cover - a 48-bit random clash
+            continue
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

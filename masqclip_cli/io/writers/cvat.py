@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from masqclip_cli.io.files import atomic_save_png, atomic_write_chunks, output_path
+from masqclip_cli.io.files import atomic_save_png, atomic_symlink, atomic_write_chunks, output_path
 from masqclip_cli.structures import Segmentation
 from masqclip_cli.structures.masks import mask_to_polygons, round_score, segment_stats
 
@@ -287,7 +287,7 @@ class CvatWriter(Writer):
         source = Path(item.source) if item.source else None
         if source is not None and source.name == path.name and source.is_file():
             if self.options["cvat_images"] == "link":
-                _atomic_symlink(source.resolve(), path)
+                atomic_symlink(path, source.resolve())
             else:
                 with open(source, "rb") as f:
                     atomic_write_chunks(path, iter(lambda: f.read(1 << 20), b""))
@@ -376,24 +376,3 @@ class CvatWriter(Writer):
                     yield f"{body}    </polygon>\n"
             yield "  </image>\n"
         yield "</annotations>\n"
-
-
-def _atomic_symlink(target: Path, path: Path) -> None:
-    """``path`` -> ``target`` as a symbolic link, made atomically (a temporary link renamed over ``path``); an
-    existing link to the same target is left alone."""
-    try:
-        if path.is_symlink() and os.readlink(path) == str(target):
-            return
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[:200]}.{os.urandom(6).hex()}.tmp")
-    os.symlink(target, tmp)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,14 @@ from PIL import Image
 from scipy.ndimage import find_objects
 from scipy.spatial import cKDTree
 
-from masqclip_cli.io.files import atomic_write_bytes, atomic_write_chunks, atomic_write_text, encode_png, output_path
+from masqclip_cli.io.files import (
+    atomic_symlink,
+    atomic_write_bytes,
+    atomic_write_chunks,
+    atomic_write_text,
+    encode_png,
+    output_path,
+)
 from masqclip_cli.io.sources import VIDEO_EXTENSIONS
 from masqclip_cli.structures import Segmentation
 
@@ -225,33 +231,6 @@ def _file_chunks(path: str) -> Iterator[bytes]:
             yield chunk
 
 
-def _atomic_symlink(path: Path, target: str) -> Path:
-    """Make ``path`` a symbolic link to ``target``, atomically (a temporary link in the same folder, then
-    :func:`os.replace`); a link that already points there is left alone."""
-    try:
-        if path.is_symlink() and os.readlink(path) == target:
-            return path
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}.tmp")  # as files.py names its temp files
-        try:
-            os.symlink(target, tmp)
-            break
-        except FileExistsError:  # pragma: no cover - a 48-bit random clash
-            continue
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def _copyable_content(source: str) -> bool:
     """Whether the file's content is a format Ultralytics reads (PIL's header read only)."""
     try:
@@ -381,7 +360,7 @@ class YoloSegWriter(Writer):
             if same or (not path.is_symlink() and path.exists() and path.samefile(source)):
                 return  # the output already is the source
             if self.mode == "symlink":
-                _atomic_symlink(path, os.path.abspath(source))
+                atomic_symlink(path, os.path.abspath(source))
             else:
                 atomic_write_chunks(path, _file_chunks(source), compare=not path.is_symlink())
             return
