@@ -285,6 +285,16 @@ def _parse_shard(value: str | None) -> tuple[int, int]:
         raise fail(f"--shard: {exc}") from None
 
 
+# The pre-annotation controls, shared by segment and export.
+_MIN_SCORE = typer.Option(None, help="Pre-annotation: drop segments and instances scoring below this (a class's "
+                          "own min_score in a JSON vocabulary wins).")
+_MIN_AREA = typer.Option(None, help="Pre-annotation: drop those smaller than this many pixels (a value below 1: a "
+                         "fraction of the image).")
+_MAX_PER_IMAGE = typer.Option(None, help="Pre-annotation: keep the best N instances per image.")
+_ONE_LABEL_PER_MASK = typer.Option(False, help="Pre-annotation: a mask found under several classes keeps only its "
+                                   "best class.")
+
+
 @app.command("segment")
 def segment_command(
     source: str = typer.Argument(
@@ -331,13 +341,10 @@ def segment_command(
     shard: str | None = typer.Option(None, help="Process shard i of n (i/n); under torchrun from RANK/WORLD_SIZE."),
     overwrite: bool = typer.Option(False, help="Replace outputs of a run with other options in --out."),
     palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
-    min_score: float | None = typer.Option(None, help="Pre-annotation: drop segments and instances scoring below "
-                                           "this (a class's own min_score in a JSON vocabulary wins)."),
-    min_area: float | None = typer.Option(None, help="Pre-annotation: drop those smaller than this many pixels "
-                                          "(a value below 1: a fraction of the image)."),
-    max_per_image: int | None = typer.Option(None, help="Pre-annotation: keep the best N instances per image."),
-    one_label_per_mask: bool = typer.Option(False, help="Pre-annotation: a mask found under several classes keeps "
-                                            "only its best class."),
+    min_score: float | None = _MIN_SCORE,
+    min_area: float | None = _MIN_AREA,
+    max_per_image: int | None = _MAX_PER_IMAGE,
+    one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
     ls_regions: str | None = typer.Option(None, help="label-studio: brush (RLE, lossless) or polygon regions."),
     image_root: str | None = typer.Option(None, help="label-studio: how tasks reference images: a URL or path "
                                           "prefix joined with the item id (default /data/local-files/?d=)."),
@@ -464,13 +471,10 @@ def export_command(
     run: Path = typer.Argument(..., help="The --out folder of a finished `masqclip segment` run."),
     fmt: str = typer.Option(..., "--format", "-f", help="Comma list of formats to write (any `segment` writes)."),
     out: Path = typer.Option(..., "--out", "-o", help="A new folder for the exported files."),
-    min_score: float | None = typer.Option(None, help="Pre-annotation: drop segments and instances scoring below "
-                                           "this (a class's own min_score in a JSON vocabulary wins)."),
-    min_area: float | None = typer.Option(None, help="Pre-annotation: drop those smaller than this many pixels "
-                                          "(a value below 1: a fraction of the image)."),
-    max_per_image: int | None = typer.Option(None, help="Pre-annotation: keep the best N instances per image."),
-    one_label_per_mask: bool = typer.Option(False, help="Pre-annotation: a mask found under several classes keeps "
-                                            "only its best class."),
+    min_score: float | None = _MIN_SCORE,
+    min_area: float | None = _MIN_AREA,
+    max_per_image: int | None = _MAX_PER_IMAGE,
+    one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
     palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
     ls_regions: str | None = typer.Option(None, help="label-studio: brush (RLE, lossless) or polygon regions."),
     image_root: str | None = typer.Option(None, help="label-studio: URL or path prefix of the images."),
