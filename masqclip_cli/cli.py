@@ -345,9 +345,6 @@ def segment_command(
     min_area: float | None = _MIN_AREA,
     max_per_image: int | None = _MAX_PER_IMAGE,
     one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
-    ls_regions: str | None = typer.Option(None, help="label-studio: brush (RLE, lossless) or polygon regions."),
-    image_root: str | None = typer.Option(None, help="label-studio: how tasks reference images: a URL or path "
-                                          "prefix joined with the item id (default /data/local-files/?d=)."),
     writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable), "
                                             "e.g. cvat_shapes=polygon, labelme_shapes=mask, yolo_images=symlink, "
                                             "voc_objects=things; see docs/formats.md."),
@@ -372,8 +369,7 @@ def segment_command(
     formats = _split_list(fmt, "format", tuple(WRITERS)) if fmt else default_formats(tasks)
     for name, absent in missing_tasks(formats, tasks).items():  # before the model loads
         raise fail(f"--format {name} needs --task {' or '.join(absent)} (add it to --task)")
-    writer_options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
-                                     ls_image_root=image_root)
+    writer_options = _writer_options(writer_option, palette=palette or None)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
     if out is None and formats != ("jsonl",):
         raise fail("--out is required (only --format jsonl can stream to stdout without it)")
@@ -476,8 +472,6 @@ def export_command(
     max_per_image: int | None = _MAX_PER_IMAGE,
     one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
     palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
-    ls_regions: str | None = typer.Option(None, help="label-studio: brush (RLE, lossless) or polygon regions."),
-    image_root: str | None = typer.Option(None, help="label-studio: URL or path prefix of the images."),
     writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an earlier export with other options in --out."),
 ) -> None:
@@ -491,7 +485,7 @@ def export_command(
     from masqclip_cli.io.writers import WRITERS
 
     formats = _split_list(fmt, "format", tuple(WRITERS))
-    options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions, ls_image_root=image_root)
+    options = _writer_options(writer_option, palette=palette or None)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
     try:
         summary = export_run(run, out, formats, writer_options=options, preannotation=controls, overwrite=overwrite)
