@@ -9,6 +9,8 @@ it. Its layout:
 
 - ``<out>/.masqclip/run.json``: the run fingerprint (model, vocabulary, options that change outputs);
 - ``<out>/.masqclip/items/<item id>.json``: one record per finished item (what the run-level files are made of);
+- ``<out>/.masqclip/results/<item id>.json``: the item's whole result before the pre-annotation controls (lossless),
+  what ``masqclip export`` writes other formats from;
 - the writers' own files (``instances.json``, ``panoptic/``, ``labels/``, ``overlay/``, ...).
 
 Resume: an item whose record and files all exist is not computed again; a run over a complete ``--out`` rewrites
