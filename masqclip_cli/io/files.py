@@ -136,6 +136,23 @@ def _open_temp(path: Path):  # noqa: ANN202 - (temporary path, binary file objec
         return tmp, os.fdopen(fd, "wb")
 
 
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _replace(tmp: Path, path: Path) -> Path:
+    """Move a finished temporary file (or link) over ``path``; on failure the temporary is removed."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return path
+
+
 def _same_file_contents(a: Path, b: Path) -> bool:
     try:
         if a.stat().st_size != b.stat().st_size:
@@ -173,17 +190,13 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | byt
             f.write(b"".join(buffer))
             f.flush()
             os.fsync(f.fileno())
-        if compare and _same_file_contents(tmp, path):
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
-    return path
+    if compare and _same_file_contents(tmp, path):
+        os.unlink(tmp)
+        return path
+    return _replace(tmp, path)
 
 
 def _iter_json(obj: Any) -> Iterator[str]:
@@ -272,12 +285,4 @@ def atomic_symlink(path: str | os.PathLike[str], target: str | os.PathLike[str])
             break
         except FileExistsError:  # pragma: no cover - a 48-bit random clash
             continue
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return _replace(tmp, path)

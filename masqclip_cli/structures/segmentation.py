@@ -398,20 +398,30 @@ class Segmentation:
         left out. ``category_ids[c]`` is the id of class index c (default: the vocabulary's, else 1..N)."""
         return [ann for _, ann in self.coco_instances(image_id, category_ids)]
 
-    def coco_instances(self, image_id: int | None = None, category_ids: Sequence[int] | None = None
-                       ) -> list[tuple[Segment, dict[str, Any]]]:
-        """:meth:`to_coco`'s annotations, each with the instance row it came from."""
+    def instance_masks(self) -> list[tuple[Segment, np.ndarray]]:
+        """Every instance with its mask as an (H, W) bool array, checked: ValueError for an instance without a mask
+        or with one of another size than the image."""
         if self.instances is None:
             raise ValueError("this result has no instances (task 'instance')")
-        ids = self._category_ids(category_ids)
         size = tuple(int(v) for v in self.image_size)
-        pairs: list[tuple[Segment, dict[str, Any]]] = []
+        out = []
         for inst in self.instances:
             if inst.mask is None:
                 raise ValueError(f"instance {inst.id} has no mask")
             mask = np.asarray(inst.mask, dtype=bool)
             if mask.shape != size:
                 raise ValueError(f"instance {inst.id} mask is {mask.shape}, the image {size}")
+            out.append((inst, mask))
+        return out
+
+    def coco_instances(self, image_id: int | None = None, category_ids: Sequence[int] | None = None
+                       ) -> list[tuple[Segment, dict[str, Any]]]:
+        """:meth:`to_coco`'s annotations, each with the instance row it came from."""
+        if self.instances is None:
+            raise ValueError("this result has no instances (task 'instance')")
+        ids = self._category_ids(category_ids)
+        pairs: list[tuple[Segment, dict[str, Any]]] = []
+        for inst, mask in self.instance_masks():
             area, bbox = mask_stats(mask)
             if area == 0:
                 continue

@@ -160,15 +160,11 @@ class LabelmeWriter(Writer):
         """(class index, score, (H, W) bool mask) of every instance, else of every panoptic segment."""
         size = tuple(int(v) for v in seg.image_size)
         if seg.instances is not None:
-            out = []
-            for inst in seg.instances:
-                if inst.mask is None:
-                    raise ValueError(f"item {item.id!r}: instance {inst.id} has no mask")
-                mask = np.asarray(inst.mask, dtype=bool)
-                if mask.shape != size:
-                    raise ValueError(f"item {item.id!r}: instance {inst.id} mask is {mask.shape}, the image {size}")
-                out.append((self._category(inst.category), inst.score, mask))
-            return out
+            try:
+                checked = seg.instance_masks()
+            except ValueError as exc:
+                raise ValueError(f"item {item.id!r}: {exc}") from None
+            return [(self._category(inst.category), inst.score, mask) for inst, mask in checked]
         if seg.panoptic is None:
             raise ValueError(f"item {item.id!r}: the labelme writer needs instance or panoptic results")
         pan = np.asarray(seg.panoptic)
