@@ -293,6 +293,10 @@ _MIN_AREA = typer.Option(None, help="Pre-annotation: drop those smaller than thi
 _MAX_PER_IMAGE = typer.Option(None, help="Pre-annotation: keep the best N instances per image.")
 _ONE_LABEL_PER_MASK = typer.Option(False, help="Pre-annotation: a mask found under several classes keeps only its "
                                    "best class.")
+# Labelling-tool format flags (each is a shortcut for one --option), shared by segment and export.
+_LS_REGIONS = typer.Option(None, "--ls-regions", help="label-studio: brush (exact RLE, default) or polygon regions.")
+_IMAGE_ROOT = typer.Option(None, "--image-root", help="label-studio: how tasks reference images: a URL prefix, a "
+                           "path prefix, or Label Studio's /data/local-files/?d= (default).")
 
 
 @app.command("segment")
@@ -311,7 +315,8 @@ def segment_command(
                               "checkpoint (`masqclip convert`) or use one you trained."),
     task: str = typer.Option("panoptic", help="Comma list of panoptic, semantic, instance (one model pass)."),
     fmt: str | None = typer.Option(None, "--format", "-f", help="Comma list of coco, panoptic, labels, overlay, "
-                                   "jsonl. Default: one per task (instance→coco, panoptic→panoptic, semantic→labels)."),
+                                   "jsonl, cvat, label-studio, labelme, yolo-seg, voc (docs/formats.md). Default: one "
+                                   "per task (instance→coco, panoptic→panoptic, semantic→labels)."),
     batch_size: int = typer.Option(1, min=1, help="Images per model call (results identical to batch 1)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
@@ -345,6 +350,8 @@ def segment_command(
     min_area: float | None = _MIN_AREA,
     max_per_image: int | None = _MAX_PER_IMAGE,
     one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
+    ls_regions: str | None = _LS_REGIONS,
+    image_root: str | None = _IMAGE_ROOT,
     writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable), "
                                             "e.g. cvat_shapes=polygon, labelme_shapes=mask, yolo_images=symlink, "
                                             "voc_objects=things; see docs/formats.md."),
@@ -369,7 +376,8 @@ def segment_command(
     formats = _split_list(fmt, "format", tuple(WRITERS)) if fmt else default_formats(tasks)
     for name, absent in missing_tasks(formats, tasks).items():  # before the model loads
         raise fail(f"--format {name} needs --task {' or '.join(absent)} (add it to --task)")
-    writer_options = _writer_options(writer_option, palette=palette or None)
+    writer_options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
+                                     ls_image_root=image_root)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
     if out is None and formats != ("jsonl",):
         raise fail("--out is required (only --format jsonl can stream to stdout without it)")
@@ -471,6 +479,8 @@ def export_command(
     min_area: float | None = _MIN_AREA,
     max_per_image: int | None = _MAX_PER_IMAGE,
     one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
+    ls_regions: str | None = _LS_REGIONS,
+    image_root: str | None = _IMAGE_ROOT,
     palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
     writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable)."),
     overwrite: bool = typer.Option(False, help="Replace an earlier export with other options in --out."),
@@ -485,7 +495,8 @@ def export_command(
     from masqclip_cli.io.writers import WRITERS
 
     formats = _split_list(fmt, "format", tuple(WRITERS))
-    options = _writer_options(writer_option, palette=palette or None)
+    options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
+                              ls_image_root=image_root)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
     try:
         summary = export_run(run, out, formats, writer_options=options, preannotation=controls, overwrite=overwrite)

@@ -129,3 +129,38 @@ def test_export_errors(finished_run, tmp_path):
     no_task = _export(small, tmp_path / "labels", "--format", "labels")
     assert no_task.exit_code == 2 and "needs task semantic" in no_task.stderr
     assert not (tmp_path / "labels").exists()
+
+
+LABELLING = "cvat,label-studio,labelme,yolo-seg,voc"
+
+
+def test_labelling_formats_export_byte_for_byte_and_take_their_flags(finished_run, tmp_path):
+    run, images, model_file = finished_run
+    flags = ["--ls-regions", "polygon", "--image-root", "https://host/data", "--option", "cvat_shapes=polygon"]
+    direct = runner.invoke(app, ["segment", str(images), "-r", "--model", str(model_file), "--short-side", "64",
+                                 "--task", "panoptic,instance", "--format", LABELLING, *flags,
+                                 "--out", str(tmp_path / "direct")])
+    assert direct.exit_code == 0, direct.output
+    moved = model_file.with_suffix(".gone")
+    model_file.rename(moved)  # export needs no model
+    try:
+        exported = _export(run, tmp_path / "exported", "--format", LABELLING, *flags)
+    finally:
+        moved.rename(model_file)
+    assert exported.exit_code == 0, exported.output
+    # byte for byte, but for data.yaml's `path:` line, which is the dataset's own absolute folder
+    direct_tree, exported_tree = _tree(tmp_path / "direct"), _tree(tmp_path / "exported")
+    assert direct_tree.keys() == exported_tree.keys()
+    assert {k: v for k, v in direct_tree.items() if k != "yolo-seg/data.yaml"} == {
+        k: v for k, v in exported_tree.items() if k != "yolo-seg/data.yaml"}
+    yamls = [(tmp_path / name / "yolo-seg" / "data.yaml").read_text().splitlines() for name in ("direct", "exported")]
+    assert yamls[0][1:] == yamls[1][1:]
+    assert yamls[1][0] == f'path: "{(tmp_path / "exported" / "yolo-seg").resolve()}"'
+    tasks = json.loads((tmp_path / "exported" / "label-studio" / "tasks.json").read_text())
+    assert [t["data"]["image"] for t in tasks] == ["https://host/data/a.png", "https://host/data/c.png",
+                                                   "https://host/data/sub/b.png"]
+    types = {r["type"] for t in tasks for r in t["predictions"][0]["result"]}
+    assert types == {"polygonlabels"}
+    assert "<PolygonLabels" in (tmp_path / "exported" / "label-studio" / "config.xml").read_text()
+    bad = _export(run, tmp_path / "bad", "--format", "label-studio", "--ls-regions", "circles")
+    assert bad.exit_code == 2 and "ls_regions" in bad.stderr

@@ -1,5 +1,5 @@
 """Output writers: what ``masqclip segment --format ...`` writes under ``--out``: ``coco``, ``panoptic``, ``labels``,
-``overlay``, ``jsonl`` and the labelling-tool formats ``cvat``, ``labelme``, ``yolo-seg``, ``voc``
+``overlay``, ``jsonl`` and the labelling-tool formats ``cvat``, ``label-studio``, ``labelme``, ``yolo-seg``, ``voc``
 (docs/formats.md is the table of files, tasks and options; each module's docstring is its full reference).
 
 ``<id>`` is the item id with the suffix appended (``a.jpg`` -> ``a.jpg.png``), see :func:`output_path`.
