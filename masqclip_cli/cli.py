@@ -293,8 +293,36 @@ _MIN_AREA = typer.Option(None, help="Pre-annotation: drop those smaller than thi
 _MAX_PER_IMAGE = typer.Option(None, help="Pre-annotation: keep the best N instances per image.")
 _ONE_LABEL_PER_MASK = typer.Option(False, help="Pre-annotation: a mask found under several classes keeps only its "
                                    "best class.")
+_LABEL_MAP = typer.Option(None, "--label-map", help="Project labels: a JSON, CSV or TSV file mapping vocabulary "
+                          "classes to the annotation project's label names and ids (rename, merge, drop; "
+                          "docs/formats.md).")
+
+
+def _label_map(path: Path | None) -> Any:
+    from masqclip_cli.inference.label_map import LabelMap
+
+    if path is None:
+        return None
+    try:
+        return LabelMap.load(path)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+def _check_label_map(label_map: Any, vocabulary: Any) -> None:
+    """Exit 2 (naming the file) when the label map does not fit the vocabulary."""
+    if label_map is not None:
+        try:
+            label_map.mapped_vocabulary(vocabulary)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+
+
 # Labelling-tool format flags (each is a shortcut for one --option), shared by segment and export.
 _LS_REGIONS = typer.Option(None, "--ls-regions", help="label-studio: brush (exact RLE, default) or polygon regions.")
+_COCO_MASKS = typer.Option(None, "--coco-masks", help="coco: rle (exact, default) or polygon (holes filled).")
+_LAYOUT = typer.Option(None, "--layout", help="coco: flat (instances.json, default) or cvat (CVAT's COCO 1.0 folder "
+                       "with annotations/instances_default.json and the images copied into images/default/).")
 _IMAGE_ROOT = typer.Option(None, "--image-root", help="label-studio: how tasks reference images: a URL prefix, a "
                            "path prefix, or Label Studio's /data/local-files/?d= (default).")
 
@@ -350,6 +378,9 @@ def segment_command(
     min_area: float | None = _MIN_AREA,
     max_per_image: int | None = _MAX_PER_IMAGE,
     one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
+    label_map_file: Path | None = _LABEL_MAP,
+    coco_masks: str | None = _COCO_MASKS,
+    layout: str | None = _LAYOUT,
     ls_regions: str | None = _LS_REGIONS,
     image_root: str | None = _IMAGE_ROOT,
     writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable), "
@@ -377,8 +408,9 @@ def segment_command(
     for name, absent in missing_tasks(formats, tasks).items():  # before the model loads
         raise fail(f"--format {name} needs --task {' or '.join(absent)} (add it to --task)")
     writer_options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
-                                     ls_image_root=image_root)
+                                     ls_image_root=image_root, coco_masks=coco_masks, coco_layout=layout)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
+    label_map = _label_map(label_map_file)
     if out is None and formats != ("jsonl",):
         raise fail("--out is required (only --format jsonl can stream to stdout without it)")
     if semantic_order not in ("padded", "resized"):
@@ -393,6 +425,8 @@ def segment_command(
         vocabulary = load_vocabulary(vocab) if vocab is not None else None
     except VocabularyError as exc:
         raise fail(str(exc)) from None
+    if vocabulary is not None:
+        _check_label_map(label_map, vocabulary)  # before the model loads
 
     import torch
 
@@ -411,6 +445,7 @@ def segment_command(
         if net.vocabulary is None:
             raise fail(f"model '{model}' stores no vocabulary: give one with --vocab")
         vocabulary = net.vocabulary
+        _check_label_map(label_map, vocabulary)
     else:
         try:
             net.set_vocabulary(vocabulary, templates=template_list, cache=TextEmbeddingCache(),
@@ -427,6 +462,7 @@ def segment_command(
         every=every, start=start, end=end,
         writer_options=writer_options | ({"stream": sys.stdout} if out is None else {}),
         preannotation=controls,
+        label_map=label_map,
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -479,6 +515,9 @@ def export_command(
     min_area: float | None = _MIN_AREA,
     max_per_image: int | None = _MAX_PER_IMAGE,
     one_label_per_mask: bool = _ONE_LABEL_PER_MASK,
+    label_map_file: Path | None = _LABEL_MAP,
+    coco_masks: str | None = _COCO_MASKS,
+    layout: str | None = _LAYOUT,
     ls_regions: str | None = _LS_REGIONS,
     image_root: str | None = _IMAGE_ROOT,
     palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
@@ -492,14 +531,19 @@ def export_command(
     """
     from masqclip_cli.inference.engine import FingerprintMismatchError
     from masqclip_cli.inference.export import export_run
+    from masqclip_cli.inference.label_map import LabelMapError
     from masqclip_cli.io.writers import WRITERS
 
     formats = _split_list(fmt, "format", tuple(WRITERS))
     options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
-                              ls_image_root=image_root)
+                              ls_image_root=image_root, coco_masks=coco_masks, coco_layout=layout)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
+    label_map = _label_map(label_map_file)
     try:
-        summary = export_run(run, out, formats, writer_options=options, preannotation=controls, overwrite=overwrite)
+        summary = export_run(run, out, formats, writer_options=options, preannotation=controls, label_map=label_map,
+                             overwrite=overwrite)
+    except LabelMapError as exc:
+        raise fail(str(exc)) from None
     except FingerprintMismatchError as exc:
         raise fail(str(exc).replace("overwrite=True replaces them; or use another output folder",
                                     "use --overwrite to replace them, or another --out")) from None

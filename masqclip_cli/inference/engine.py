@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from masqclip_cli.inference.label_map import LabelMap
 from masqclip_cli.inference.postprocess import PostprocessConfig
 from masqclip_cli.inference.preannotation import Preannotation
 from masqclip_cli.inference.predictor import Predictor
@@ -58,6 +59,7 @@ __all__ = [
     "merge_outputs",
     "run_fingerprint",
     "segment",
+    "writer_view",
 ]
 
 STATE_DIR = ".masqclip"
@@ -86,6 +88,11 @@ class RunOptions:
     prefetch: int = 4
     writer_options: dict[str, Any] = field(default_factory=dict)
     preannotation: Preannotation = field(default_factory=Preannotation)
+    label_map: LabelMap | None = None
+
+    def writer_vocabulary(self, vocab: Vocabulary) -> Vocabulary:
+        """The vocabulary the writers see: ``vocab`` mapped by the label map, if any."""
+        return vocab if self.label_map is None else self.label_map.mapped_vocabulary(vocab).vocab
 
     def fingerprint_fields(self) -> dict[str, Any]:
         fields = {
@@ -98,6 +105,8 @@ class RunOptions:
         }
         if self.preannotation != Preannotation():  # only when set: earlier runs keep their fingerprints
             fields["preannotation"] = self.preannotation.to_json()
+        if self.label_map is not None:  # likewise
+            fields["label_map"] = self.label_map.to_json()
         return fields
 
 
@@ -313,7 +322,8 @@ def segment(
     """
     t_start = time.perf_counter()
     summary = RunSummary()
-    writers: list[Writer] = make_writers(options.formats, out_dir, vocab, **options.writer_options)
+    writers: list[Writer] = make_writers(options.formats, out_dir, options.writer_vocabulary(vocab),
+                                         **options.writer_options)
     predictor = Predictor.for_encoded(model, vocab, options.postprocess, options.short_side, options.max_size)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -377,7 +387,7 @@ def segment(
                 else:
                     batch.append((item, *payload))
             if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set()):
-                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary, options.preannotation):
+                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary, options):
                     finished += 1
                     if record is not None and out_dir is not None:
                         infos[item_id] = _item_info(record)
@@ -410,7 +420,7 @@ def segment(
 
 
 def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, torch.Tensor]], writers: list[Writer],
-               out_dir: Path | None, summary: RunSummary, controls: Preannotation
+               out_dir: Path | None, summary: RunSummary, options: RunOptions
                ) -> Iterator[tuple[str, dict | None]]:
     t0 = time.perf_counter()
     try:
@@ -422,7 +432,7 @@ def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, t
             yield item.id, None
             return
         for single in batch:
-            yield from _run_batch(predictor, [single], writers, out_dir, summary, controls)
+            yield from _run_batch(predictor, [single], writers, out_dir, summary, options)
         return
     summary.seconds["model"] += time.perf_counter() - t0
     for (item, rgb, _), out in zip(batch, outputs):
@@ -439,7 +449,7 @@ def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, t
                 record["source"] = source
             if out_dir is not None:  # the whole result, before any control: what `export` re-writes from
                 write_result(out_dir, item, seg)
-            kept = controls.apply(seg, predictor.vocabulary)
+            kept = writer_view(seg, predictor.vocabulary, options.preannotation, options.label_map)
             for writer in writers:
                 record["writers"][writer.name] = writer.write_item(info, kept, rgb if writer.needs_image else None)
             if out_dir is not None:  # the record last: an item is finished when its record exists
@@ -450,6 +460,16 @@ def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, t
         except Exception as exc:  # noqa: BLE001 - one bad item is reported, never kills the run
             summary.failed.append((item.id, f"{item.id}: {type(exc).__name__}: {exc}".splitlines()[0]))
             yield item.id, None
+
+
+def writer_view(seg: Segmentation, vocab: Vocabulary, controls: Preannotation,
+                label_map: LabelMap | None) -> Segmentation:
+    """What the writers get of a whole result: mapped to the project's labels first (so the controls count final
+    labels, and a merged label's floor is the lowest of its classes'), then the pre-annotation controls."""
+    if label_map is not None:
+        seg = label_map.apply(seg, vocab)
+        vocab = label_map.mapped_vocabulary(vocab).vocab
+    return controls.apply(seg, vocab)
 
 
 def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, formats: tuple[str, ...],
@@ -472,6 +492,9 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
         raise FingerprintMismatchError("shard outputs come from runs with different models, vocabularies or options")
     if sorted(s[0] for s in shards) != list(range(shards[0][1])) or any(s[1] != shards[0][1] for s in shards):
         raise FingerprintMismatchError(f"shards {shards} do not make one complete set")
+    if fingerprints[0].get("label_map") is not None:  # the writers wrote the project's labels
+        label_map = LabelMap.from_canonical(fingerprints[0]["label_map"], source=str(shard_dirs[0]))
+        vocab = label_map.mapped_vocabulary(vocab).vocab
     writers = make_writers(formats, out_dir, vocab, **(writer_options or {}))
     out_dir.mkdir(parents=True, exist_ok=True)
     merged_fp = dict(fingerprints[0], shard=[0, 1])

@@ -30,7 +30,9 @@ from masqclip_cli.inference.engine import (
     _StoredRecords,
     read_result,
     result_path,
+    writer_view,
 )
+from masqclip_cli.inference.label_map import LabelMap
 from masqclip_cli.inference.preannotation import Preannotation
 from masqclip_cli.io.files import atomic_write_text
 from masqclip_cli.io.sources import SkipItem, SourceItem
@@ -72,15 +74,20 @@ def export_run(
     *,
     writer_options: dict[str, Any] | None = None,
     preannotation: Preannotation = Preannotation(),
+    label_map: LabelMap | None = None,
     overwrite: bool = False,
     on_item: Callable[[str, int, int], None] | None = None,
 ) -> ExportSummary:
     """Write ``formats`` into ``out_dir`` from the results a finished run in ``run_dir`` kept.
 
+    The run's own controls and label map are not inherited: ``preannotation`` and ``label_map`` (if any) apply to
+    the whole results the run kept.
+
     Raises:
         FingerprintMismatchError: ``run_dir`` is no run, ``out_dir`` is ``run_dir``, or ``out_dir`` holds another
             run's outputs (unless ``overwrite``).
-        ValueError: a format needs a task the run did not compute.
+        ValueError: a format needs a task the run did not compute; the label map does not fit the run's
+            vocabulary (a :class:`~masqclip_cli.inference.label_map.LabelMapError`).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
@@ -91,11 +98,14 @@ def export_run(
         raise ValueError(f"format {name} needs task {' or '.join(absent)}, which the run in {run_dir} did not "
                          f"compute (it has {', '.join(tasks) or 'none'})")
     options = dict(writer_options or {})
-    writers = make_writers(formats, out_dir, vocab, **options)
-    new_fp = {k: v for k, v in fingerprint.items() if k != "preannotation"}
+    writer_vocab = vocab if label_map is None else label_map.mapped_vocabulary(vocab).vocab
+    writers = make_writers(formats, out_dir, writer_vocab, **options)
+    new_fp = {k: v for k, v in fingerprint.items() if k not in ("preannotation", "label_map")}
     new_fp.update(formats=sorted(w.name for w in writers), writer_options=dict(sorted(options.items())))
     if preannotation != Preannotation():
         new_fp["preannotation"] = preannotation.to_json()
+    if label_map is not None:
+        new_fp["label_map"] = label_map.to_json()
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_fingerprint(out_dir, new_fp, overwrite)
 
@@ -113,7 +123,7 @@ def export_run(
                                             "segment it again to export it"))
             continue
         try:
-            kept = preannotation.apply(seg, vocab)
+            kept = writer_view(seg, vocab, preannotation, label_map)
             item = SourceItem(item_id, Path(source), frame)
             needs_source = any(w.needs_source for w in writers)
             info = ItemInfo(id=item_id, file_name=old["file_name"], width=old["width"], height=old["height"],

@@ -164,3 +164,53 @@ def test_labelling_formats_export_byte_for_byte_and_take_their_flags(finished_ru
     assert "<PolygonLabels" in (tmp_path / "exported" / "label-studio" / "config.xml").read_text()
     bad = _export(run, tmp_path / "bad", "--format", "label-studio", "--ls-regions", "circles")
     assert bad.exit_code == 2 and "ls_regions" in bad.stderr
+
+
+def test_label_map_in_segment_export_and_merge(finished_run, tmp_path):
+    run, images, model_file = finished_run
+    label_map = tmp_path / "project.csv"
+    label_map.write_text("class,label,id\nperson,Human,7\ncar,Vehicle,9\nroad,Ground,30\nsky,Ground\n")
+    segment_args = ["segment", str(images), "-r", "--model", str(model_file), "--short-side", "64",
+                    "--task", "panoptic,semantic,instance", "--format", "coco,panoptic,labels"]
+    direct = runner.invoke(app, [*segment_args, "--label-map", str(label_map), "--out", str(tmp_path / "direct")])
+    assert direct.exit_code == 0, direct.output
+    exported = _export(run, tmp_path / "exported", "--format", "coco,panoptic,labels", "--label-map", str(label_map))
+    assert exported.exit_code == 0, exported.output
+    assert _tree(tmp_path / "direct") == _tree(tmp_path / "exported")
+    # the project's labels and ids, road and sky merged into one stuff class
+    panoptic = json.loads((tmp_path / "direct" / "panoptic.json").read_text())
+    assert [(c["id"], c["name"], c["isthing"]) for c in panoptic["categories"]] == [
+        (7, "Human", 1), (9, "Vehicle", 1), (30, "Ground", 0)]
+    full = json.loads((run / "panoptic.json").read_text())
+    old_names = {c["id"]: c["name"] for c in full["categories"]}
+    for old_ann, new_ann in zip(full["annotations"], panoptic["annotations"]):
+        ground = [s for s in old_ann["segments_info"] if old_names[s["category_id"]] in ("road", "sky")]
+        merged = [s for s in new_ann["segments_info"] if s["category_id"] == 30]
+        assert len(merged) == min(len(ground), 1)  # one Ground segment per image, holding all road and sky pixels
+        assert sum(s["area"] for s in merged) == sum(s["area"] for s in ground)
+    # shards with a label map merge into the single run's files
+    shard_dirs = []
+    for i in range(2):
+        shard = runner.invoke(app, [*segment_args, "--label-map", str(label_map), "--shard", f"{i}/2",
+                                    "--out", str(tmp_path / f"shard{i}")])
+        assert shard.exit_code in (0, 1), shard.output
+        shard_dirs.append(str(tmp_path / f"shard{i}"))
+    merged = runner.invoke(app, ["merge", *shard_dirs, "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert _tree(tmp_path / "merged") == _tree(tmp_path / "direct")
+
+
+def test_label_map_errors_exit_2_naming_the_file(finished_run, tmp_path):
+    run, images, _ = finished_run
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"persn": "Human"}')
+    # refused before the model loads: the model named here does not exist
+    before_model = runner.invoke(app, ["segment", str(images), "--model", str(tmp_path / "no-model.safetensors"),
+                                       "--vocab", "person; car", "--label-map", str(typo), "--out",
+                                       str(tmp_path / "o")])
+    assert before_model.exit_code == 2 and str(typo) in before_model.stderr and "persn" in before_model.stderr
+    exported = _export(run, tmp_path / "o2", "--format", "coco", "--label-map", str(typo))
+    assert exported.exit_code == 2 and str(typo) in exported.stderr
+    assert not (tmp_path / "o2" / "instances.json").exists()
+    unreadable = _export(run, tmp_path / "o3", "--format", "coco", "--label-map", str(tmp_path / "map.xml"))
+    assert unreadable.exit_code == 2 and "map.xml" in unreadable.stderr

@@ -302,7 +302,7 @@ def test_coco_loads_in_pycocotools_and_self_evaluates_to_ap_1(tmp_path, vocab):
     (path,) = run(writer)
     assert path == tmp_path / "instances.json"
     data = json.loads(path.read_text())
-    assert list(data) == ["images", "annotations", "categories"]
+    assert list(data) == ["info", "licenses", "images", "annotations", "categories"]
     # Images: id = rank of the item id in sorted order.
     assert [(im["id"], im["file_name"]) for im in data["images"]] == [
         (1, "a.jpg"),

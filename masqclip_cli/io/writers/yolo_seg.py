@@ -247,6 +247,32 @@ def _is_video(source: str | None) -> bool:
 # --- the writer -------------------------------------------------------------------------------------------------------
 
 
+def write_image_file(item: ItemInfo, path: Path, as_is: bool, image: np.ndarray | None, size: tuple[int, int],
+                     mode: str, writer: str) -> None:
+    """Put ``item``'s image at ``path``: the source file copied (``mode="copy"``) or linked (``"symlink"``) when
+    ``as_is`` and the source is a readable file, else ``image`` (the decoded (H, W, 3) uint8 RGB, ``size`` = (H, W))
+    encoded as PNG. Shared by the writers that lay images out beside their labels (``writer`` names the one asking,
+    for messages)."""
+    source = item.source
+    if as_is and source is not None and os.path.isfile(source) and _copyable_content(source):
+        same = os.path.abspath(source) == os.path.abspath(path)
+        if same or (not path.is_symlink() and path.exists() and path.samefile(source)):
+            return  # the output already is the source
+        if mode == "symlink":
+            atomic_symlink(path, os.path.abspath(source))
+        else:
+            atomic_write_chunks(path, _file_chunks(source), compare=not path.is_symlink())
+        return
+    if image is None:
+        raise ValueError(f"item {item.id!r}: the {writer} writer needs the decoded image to write {path.name}")
+    rgb = np.asarray(image)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != size:
+        raise ValueError(f"item {item.id!r}: image is {rgb.dtype} {rgb.shape}, need uint8 {size + (3,)} RGB")
+    if path.is_symlink():
+        path.unlink()
+    atomic_write_bytes(path, encode_png(rgb))
+
+
 class YoloSegWriter(Writer):
     """Ultralytics YOLO segmentation dataset under ``out/yolo-seg/``: ``images/<split>/``, ``labels/<split>/`` (one
     polygon per line, holes bridged, one line per part) and ``data.yaml``. See the module docstring.
@@ -353,26 +379,6 @@ class YoloSegWriter(Writer):
                         )
         self._claims[key] = item.id
 
-    def _write_image(self, item: ItemInfo, path: Path, as_is: bool, image: np.ndarray | None, size) -> None:
-        source = item.source
-        if as_is and source is not None and os.path.isfile(source) and _copyable_content(source):
-            same = os.path.abspath(source) == os.path.abspath(path)
-            if same or (not path.is_symlink() and path.exists() and path.samefile(source)):
-                return  # the output already is the source
-            if self.mode == "symlink":
-                atomic_symlink(path, os.path.abspath(source))
-            else:
-                atomic_write_chunks(path, _file_chunks(source), compare=not path.is_symlink())
-            return
-        if image is None:
-            raise ValueError(f"item {item.id!r}: the yolo-seg writer needs the decoded image to write {path.name}")
-        rgb = np.asarray(image)
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != size:
-            raise ValueError(f"item {item.id!r}: image is {rgb.dtype} {rgb.shape}, need uint8 {size + (3,)} RGB")
-        if path.is_symlink():
-            path.unlink()
-        atomic_write_bytes(path, encode_png(rgb))
-
     def write_item(self, item: ItemInfo, seg: Segmentation, image: np.ndarray | None = None) -> dict:
         assert self.root is not None
         size = check_size(item, seg)
@@ -389,7 +395,7 @@ class YoloSegWriter(Writer):
         label_path = self._label_path(image_path)
         self._claim(item, image_path, label_path)
         if self.mode != "none":
-            self._write_image(item, image_path, as_is, image, size)
+            write_image_file(item, image_path, as_is, image, size, self.mode, self.name)
         atomic_write_text(label_path, "".join(line + "\n" for line in lines))
         return {
             "image": None if self.mode == "none" else image_path.relative_to(self.root).as_posix(),
