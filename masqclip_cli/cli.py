@@ -371,6 +371,13 @@ def segment_command(
     every: int = typer.Option(1, min=1, help="Video: take every N-th frame."),
     start: float | None = typer.Option(None, help="Video: start time in seconds."),
     end: float | None = typer.Option(None, help="Video: end time in seconds."),
+    track: bool | None = typer.Option(None, "--track/--no-track", help="Give each object one id across the frames "
+                                      "of a video (default: on for video sources)."),
+    sequence: bool = typer.Option(False, "--sequence", help="Track across the images too: every image of the run "
+                                  "is a frame of one sequence, in item-id order."),
+    track_max_gap: int = typer.Option(5, min=0, help="Tracking: frames an object may go unseen and keep its id."),
+    track_embeddings: bool = typer.Option(True, "--track-embeddings/--no-track-embeddings", help="Tracking: match "
+                                          "by MasQCLIP's mask-token embeddings as well as mask IoU."),
     shard: str | None = typer.Option(None, help="Process shard i of n (i/n); under torchrun from RANK/WORLD_SIZE."),
     overwrite: bool = typer.Option(False, help="Replace outputs of a run with other options in --out."),
     palette: bool = typer.Option(False, help="labels: also write colour palette PNGs."),
@@ -395,6 +402,8 @@ def segment_command(
     from masqclip_cli.inference.engine import FingerprintMismatchError, RunOptions, segment
     from masqclip_cli.inference.predictor import postprocess_config
     from masqclip_cli.inference.preprocess import test_size_of
+    from masqclip_cli.inference.tracking import TrackerConfig
+    from masqclip_cli.inference.video_tracks import TrackingOptions
     from masqclip_cli.io.sources import SourceError
     from masqclip_cli.io.writers import WRITERS, default_formats, missing_tasks
     from masqclip_cli.modeling.checkpoint import ModelFileError
@@ -463,6 +472,8 @@ def segment_command(
         writer_options=writer_options | ({"stream": sys.stdout} if out is None else {}),
         preannotation=controls,
         label_map=label_map,
+        tracking=TrackingOptions(track=track, sequence=sequence,
+                                 config=TrackerConfig(max_gap=track_max_gap, use_embeddings=track_embeddings)),
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -623,12 +634,22 @@ def eval_command(
     no_object_score: bool = typer.Option(False, help="Classify with p_clip alone (Table 3 ablation)."),
     limit: int | None = typer.Option(None, min=1, help="Evaluate the first N images only."),
     report: Path | None = typer.Option(None, help="Write the JSON report here (the numbers with their protocol)."),
+    track_mode: str = typer.Option("iou+embedding", help="synthetic-video with --model: frame (no tracking), iou "
+                                   "or iou+embedding."),
+    track_max_gap: int = typer.Option(5, min=0, help="synthetic-video with --model: the tracker's max gap."),
+    work: Path | None = typer.Option(None, help="synthetic-video with --model: keep the runs here (resumable; "
+                                     "default a temporary folder)."),
 ) -> None:
-    """Evaluate a model, or the files `masqclip segment` wrote, on a dataset: PQ / mIoU / mask AP.
+    """Evaluate a model, or the files `masqclip segment` wrote, on a dataset: PQ / mIoU / mask AP; on videos
+    (synthetic-video, mots) tracking: HOTA / DetA / AssA / IDF1 / MOTA / ID switches by TrackEval.
 
     Prints a table and, with --report, a JSON file recording the protocol next to every number. Under torchrun the
     samples are split over the processes and the metrics are those of one process.
     """
+    if dataset in ("synthetic-video", "mots"):
+        _eval_tracking(dataset, root, model, predictions, report, track_mode=track_mode, track_max_gap=track_max_gap,
+                       work=work, device=device, threads=threads, batch_size=batch_size)
+        return
     from masqclip_cli.data.datasets import DatasetError, load_dataset
     from masqclip_cli.evaluation.runner import EvalError, EvalOptions, evaluate, report_protocol, write_report
     from masqclip_cli.inference.postprocess import PostprocessConfig
@@ -700,6 +721,58 @@ def eval_command(
         err.print(f"report: {report}", highlight=False)
 
 
+def _eval_tracking(dataset: str, root: Path | None, model: str | None, predictions: Path | None,
+                   report: Path | None, *, track_mode: str, track_max_gap: int, work: Path | None, device: str,
+                   threads: int | None, batch_size: int) -> None:
+    """`eval --dataset synthetic-video|mots`: tracking metrics of a model (synthetic videos) or of segment runs."""
+    import tempfile
+
+    from masqclip_cli.evaluation.runner import write_report
+    from masqclip_cli.evaluation.tracking import evaluate_tracking
+    from masqclip_cli.evaluation.video import TRACK_MODES, evaluate_video_model, evaluate_video_run
+
+    if root is None:
+        raise fail(f"--dataset {dataset} needs --root (the ground truth: a `masqclip synth --video` folder"
+                   + (")" if dataset == "synthetic-video" else ", or a folder of MOTS <sequence>.txt files)"))
+    if (model is None) == (predictions is None):
+        raise fail("give --model (synthetic-video only) or --predictions (segment runs with --format mots)")
+    try:
+        if predictions is not None and dataset == "mots":
+            result = evaluate_tracking(root, predictions / "mots" if (predictions / "mots").is_dir() else predictions)
+        elif predictions is not None:
+            result = evaluate_video_run(root, predictions)
+        else:
+            if dataset != "synthetic-video":
+                raise fail("--model needs --dataset synthetic-video (for MOTS ground truth, score segment runs "
+                           "with --predictions)")
+            if track_mode not in TRACK_MODES:
+                raise fail(f"--track-mode: use {', '.join(TRACK_MODES)}")
+            import torch
+
+            from masqclip_cli.inference.tracking import TrackerConfig
+            from masqclip_cli.modeling.factory import load_model, model_identity, resolve_device
+
+            if threads:
+                torch.set_num_threads(threads)
+            net = load_model(model, device=resolve_device(device))
+            with tempfile.TemporaryDirectory() as scratch:
+                result = evaluate_video_model(root, net, None, track_mode, work or Path(scratch),
+                                              tracker_config=TrackerConfig(max_gap=track_max_gap),
+                                              model_id=model_identity(model), batch_size=batch_size)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc).splitlines()[0]) from None
+    table = Table(title=f"{dataset}: tracking")
+    for column in ("metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for key in ("HOTA", "DetA", "AssA", "IDF1", "MOTA", "IDSW"):
+        value = result.get(key)
+        table.add_row(key, "-" if value is None else (f"{value:.2f}" if key != "IDSW" else str(value)))
+    out.print(table)
+    if report is not None:
+        write_report(report, result)
+        err.print(f"report: {report}", highlight=False)
+
+
 def _print_metrics(report: dict) -> None:
     metrics = report["metrics"]
     per_image = report["seconds_model_per_image"]
@@ -728,16 +801,36 @@ def _print_metrics(report: dict) -> None:
 def synth_command(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (or add a split to)."),
     split: str = typer.Option("val", help="Split name (train, val, ...)."),
-    images: int = typer.Option(200, min=1, help="Number of scenes."),
+    images: int | None = typer.Option(None, min=1, help="Number of scenes (default 200; with --video: of videos, "
+                                      "default 8)."),
     seed: int = typer.Option(0, help="Seed: the same seed gives a byte-identical dataset."),
-    size: int = typer.Option(256, min=32, help="Image side in pixels."),
+    size: int | None = typer.Option(None, min=32, help="Image side in pixels (default 256; videos 128)."),
+    video: bool = typer.Option(False, "--video", help="Write videos of moving shapes with MOTS ground truth "
+                               "(track ids) instead of still scenes (docs/formats.md, synthetic video dataset)."),
+    frames: int = typer.Option(48, min=2, help="--video: frames per video."),
     novel: str | None = typer.Option(None, help="Comma list of novel categories (default: the generator's)."),
     base_only: bool = typer.Option(False, help="Leave novel categories unannotated (a base-only training split)."),
     crops: bool = typer.Option(True, help="Also write per-object crops with captions (for training a small CLIP)."),
 ) -> None:
-    """Generate the synthetic shapes world: images, COCO panoptic + instances, label maps, vocabulary, captions."""
+    """Generate the synthetic shapes world: images, COCO panoptic + instances, label maps, vocabulary, captions;
+    or, with --video, videos of moving shapes with MOTS ground truth."""
     from masqclip_cli.data.synthetic import DEFAULT_NOVEL, SynthConfig, generate
 
+    if video:
+        from masqclip_cli.data.synthetic_video import VideoConfig, generate_videos
+
+        count = images or 8
+        side = size or 128
+        try:
+            manifest = generate_videos(VideoConfig(seed=seed, num_videos=count, frames=frames, size=(side, side)),
+                                       out_dir)
+        except (ValueError, TypeError) as exc:
+            raise fail(str(exc)) from None
+        err.print(f"wrote {len(manifest['videos'])} videos of {frames} frames ({side}x{side}) to {out_dir}",
+                  highlight=False)
+        return
+    size = size or 256
+    images = images or 200
     config = SynthConfig(images=images, seed=seed, split=split, size=(size, size),
                          novel=tuple(_split_list(novel, "novel")) if novel else DEFAULT_NOVEL,
                          base_only=base_only, crops=crops)

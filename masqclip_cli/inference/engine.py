@@ -41,8 +41,18 @@ from masqclip_cli.inference.postprocess import PostprocessConfig
 from masqclip_cli.inference.preannotation import Preannotation
 from masqclip_cli.inference.predictor import Predictor
 from masqclip_cli.inference.preprocess import prepare_image
+from masqclip_cli.inference.tracking import TrackerConfig
+from masqclip_cli.inference.video_tracks import TRACKS_DIR, SequenceTracking, TrackingOptions, sequence_name
 from masqclip_cli.io.files import atomic_write_text, dumps_json, remove_stale_temp_files
-from masqclip_cli.io.sources import SkipItem, SkippedItem, SourceItem, decode_item, iter_items, iter_video_frames
+from masqclip_cli.io.sources import (
+    SkipItem,
+    SkippedItem,
+    SourceItem,
+    decode_item,
+    iter_items,
+    iter_video_frames,
+    spec_kind,
+)
 from masqclip_cli.io.writers import make_writers
 from masqclip_cli.io.writers.base import ItemInfo, Writer
 from masqclip_cli.modeling.masqclip import MasQCLIP
@@ -89,6 +99,12 @@ class RunOptions:
     writer_options: dict[str, Any] = field(default_factory=dict)
     preannotation: Preannotation = field(default_factory=Preannotation)
     label_map: LabelMap | None = None
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)
+
+    def tracks(self, source: str) -> bool:
+        """Whether a run over ``source`` tracks: ``--sequence``, ``--track``, or (by default) a video source."""
+        t = self.tracking
+        return t.sequence or t.track is True or (t.track is None and spec_kind(source) == "video")
 
     def writer_vocabulary(self, vocab: Vocabulary) -> Vocabulary:
         """The vocabulary the writers see: ``vocab`` mapped by the label map, if any."""
@@ -161,9 +177,9 @@ def in_shard(item_id: str, shard: tuple[int, int]) -> bool:
 
 
 def run_fingerprint(model_id: str, vocab: Vocabulary, templates: list[str] | None, options: RunOptions,
-                    use_object_score: bool, precision: str) -> dict[str, Any]:
-    """Everything that changes what a run writes (JSON)."""
-    return {
+                    use_object_score: bool, precision: str, tracks: bool = False) -> dict[str, Any]:
+    """Everything that changes what a run writes (JSON); ``tracks``: the run tracks sequences."""
+    fingerprint = {
         "model": model_id,
         "vocabulary": vocab.to_json(),
         "templates": templates,
@@ -171,6 +187,9 @@ def run_fingerprint(model_id: str, vocab: Vocabulary, templates: list[str] | Non
         "precision": precision,
         **options.fingerprint_fields(),
     }
+    if tracks:  # only when tracking: runs over images keep their fingerprints
+        fingerprint["tracking"] = options.tracking.to_json()
+    return fingerprint
 
 
 def _state_path(out_dir: Path, kind: str, item_id: str) -> Path:
@@ -211,7 +230,7 @@ def _read_record(out_dir: Path, item_id: str) -> dict | None:
 
 def _item_info(record: dict) -> ItemInfo:
     return ItemInfo(id=record["id"], file_name=record["file_name"], width=record["width"], height=record["height"],
-                    source=record.get("source"))
+                    source=record.get("source"), sequence=record.get("sequence"), frame=record.get("frame"))
 
 
 class _StoredRecords(Sequence):
@@ -328,30 +347,60 @@ def segment(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out_dir)  # left by a killed run
-        fingerprint = run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision)
+        fingerprint = run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision,
+                                      tracks=options.tracks(source))
         _check_fingerprint(out_dir, fingerprint, options.overwrite)
 
     # list the items (paths only, never decoded images), keep this shard's, split off the finished ones
+    tracks = options.tracks(source)
+    tracking = SequenceTracking(out_dir, options.tracking.config) if tracks else None
+    sequence_label = Path(source).name if source != "-" else "stdin"
     listed: list[SourceItem] = []
     for entry in iter_items(source, recursive=options.recursive,
                             **({"extensions": options.extensions} if options.extensions else {}),
                             every=options.every, start=options.start, end=options.end, stdin=stdin):
-        if not in_shard(entry.id, options.shard):
+        sequence = (sequence_name(entry, options.tracking, sequence_label)
+                    if tracks and isinstance(entry, SourceItem) else None)
+        if not in_shard(entry.id if sequence is None else sequence, options.shard):  # a sequence stays in one shard
             continue
         if isinstance(entry, SkippedItem):
             summary.skipped.append((entry.id, entry.reason))
         else:
             listed.append(entry)
+    # frames of each tracked sequence, in order: (sequence, frame index) per item id
+    frames: dict[str, tuple[str, int]] = {}
+    if tracking is not None:
+        if options.tracking.sequence:
+            listed.sort(key=lambda it: it.id)
+        counts: dict[str, int] = {}
+        for item in listed:
+            sequence = sequence_name(item, options.tracking, sequence_label)
+            if sequence is not None:
+                frames[item.id] = (sequence, counts.get(sequence, 0))
+                counts[sequence] = counts.get(sequence, 0) + 1
     infos: dict[str, ItemInfo] = {}  # items with a record on disk (records themselves are not kept in memory)
-    todo: list[SourceItem] = []
+    finished_records: dict[str, dict] = {}
     for item in listed:
         record = _read_record(out_dir, item.id) if out_dir is not None else None
         if (record is not None and result_path(out_dir, item.id).is_file()
                 and all(p.is_file() for w in writers for p in w.item_files(_item_info(record)))):
-            infos[item.id] = _item_info(record)
+            finished_records[item.id] = record
+    if tracking is not None:  # a sequence resumes from its latest saved tracker state; later frames run again
+        by_sequence: dict[str, list[str]] = {}
+        for item_id, (sequence, _) in frames.items():
+            by_sequence.setdefault(sequence, []).append(item_id)
+        for sequence, ids in by_sequence.items():
+            keep = tracking.resume_point(sequence, [i in finished_records for i in ids])
+            for item_id in ids[keep:]:
+                finished_records.pop(item_id, None)
+    todo: list[SourceItem] = []
+    for item in listed:
+        if item.id in finished_records:
+            infos[item.id] = _item_info(finished_records[item.id])
             summary.reused += 1
         else:
             todo.append(item)
+    finished_records.clear()
     total = len(listed)
     finished = summary.reused
 
@@ -387,7 +436,8 @@ def segment(
                 else:
                     batch.append((item, *payload))
             if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set()):
-                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary, options):
+                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary, options,
+                                                     tracking, frames):
                     finished += 1
                     if record is not None and out_dir is not None:
                         infos[item_id] = _item_info(record)
@@ -407,6 +457,10 @@ def segment(
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
+    if tracking is not None:
+        tracking.load_final_states(sorted({sequence for sequence, _ in frames.values()}))
+        for writer in writers:
+            writer.track_classes = tracking.track_classes()
     if out_dir is not None:
         t0 = time.perf_counter()
         for writer in writers:
@@ -420,7 +474,8 @@ def segment(
 
 
 def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, torch.Tensor]], writers: list[Writer],
-               out_dir: Path | None, summary: RunSummary, options: RunOptions
+               out_dir: Path | None, summary: RunSummary, options: RunOptions,
+               tracking: SequenceTracking | None = None, frames: dict[str, tuple[str, int]] | None = None
                ) -> Iterator[tuple[str, dict | None]]:
     t0 = time.perf_counter()
     try:
@@ -432,7 +487,7 @@ def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, t
             yield item.id, None
             return
         for single in batch:
-            yield from _run_batch(predictor, [single], writers, out_dir, summary, options)
+            yield from _run_batch(predictor, [single], writers, out_dir, summary, options, tracking, frames)
         return
     summary.seconds["model"] += time.perf_counter() - t0
     for (item, rgb, _), out in zip(batch, outputs):
@@ -443,15 +498,25 @@ def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, t
             t2 = time.perf_counter()
             summary.seconds["postprocess"] += t2 - t1
             source = str(item.path.resolve()) if any(w.needs_source for w in writers) else None
-            info = ItemInfo(id=item.id, file_name=item.id, width=width, height=height, source=source)
+            sequence, frame = (frames or {}).get(item.id, (None, None))
+            info = ItemInfo(id=item.id, file_name=item.id, width=width, height=height, source=source,
+                            sequence=sequence, frame=frame)
             record = {"id": item.id, "file_name": item.id, "width": width, "height": height, "writers": {}}
             if source is not None:  # only when a writer needs it: other runs' records stay as they were
                 record["source"] = source
+            if sequence is not None:
+                record.update(sequence=sequence, frame=frame)
             if out_dir is not None:  # the whole result, before any control: what `export` re-writes from
                 write_result(out_dir, item, seg)
             kept = writer_view(seg, predictor.vocabulary, options.preannotation, options.label_map)
+            if tracking is not None and sequence is not None:
+                t_track = time.perf_counter()
+                kept = tracking.assign(sequence, frame, kept, out.embeddings.float().cpu().numpy())
+                summary.seconds["track"] = summary.seconds.get("track", 0.0) + time.perf_counter() - t_track
             for writer in writers:
                 record["writers"][writer.name] = writer.write_item(info, kept, rgb if writer.needs_image else None)
+            if tracking is not None and sequence is not None:
+                tracking.save(sequence, frame)  # before the record: a finished frame always has its state
             if out_dir is not None:  # the record last: an item is finished when its record exists
                 atomic_write_text(_record_path(out_dir, item.id), json.dumps(record, separators=(",", ":")) + "\n")
             summary.seconds["write"] += time.perf_counter() - t2
@@ -519,6 +584,15 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(record_file, target)
             infos[info.id] = info
+        tracks = d / STATE_DIR / TRACKS_DIR  # tracker states: a sequence lives in one shard
+        if tracks.is_dir():
+            shutil.copytree(tracks, out_dir / STATE_DIR / TRACKS_DIR, dirs_exist_ok=True)
+    sequences = sorted({info.sequence for info in infos.values() if info.sequence is not None})
+    if sequences:
+        tracking = SequenceTracking(out_dir, TrackerConfig())
+        tracking.load_final_states(sequences)
+        for writer in writers:
+            writer.track_classes = tracking.track_classes()
     written = []
     for writer in writers:
         written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))

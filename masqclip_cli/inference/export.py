@@ -93,6 +93,9 @@ def export_run(
     if out_dir.resolve() == run_dir.resolve():
         raise FingerprintMismatchError(f"{out_dir}: export into a new folder, not into the run itself")
     fingerprint, vocab = read_run(run_dir)
+    if fingerprint.get("tracking") is not None:
+        raise FingerprintMismatchError(f"{run_dir}: a tracked (video) run cannot be exported yet (the kept results "
+                                       "hold no track ids); run segment again with the formats you need")
     tasks = fingerprint.get("postprocess", {}).get("tasks", [])
     for name, absent in missing_tasks(formats, tasks).items():
         raise ValueError(f"format {name} needs task {' or '.join(absent)}, which the run in {run_dir} did not "

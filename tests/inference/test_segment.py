@@ -134,7 +134,13 @@ def test_video_frames(tmp_path):
     assert result.exit_code == 0, result.output
     coco = json.loads((tmp_path / "out" / "instances.json").read_text())
     assert [im["file_name"] for im in coco["images"]] == ["clip.avi#000000", "clip.avi#000002", "clip.avi#000004"]
-    assert (tmp_path / "out" / "overlay" / "clip.avi#000002.jpg").is_file()
+    # a video is tracked by default: the overlay is one video (per-frame images only on request)
+    assert (tmp_path / "out" / "overlay" / "clip.avi.mp4").is_file()
+    assert not (tmp_path / "out" / "overlay" / "clip.avi#000002.jpg").exists()
+    untracked = _run([str(path), *BASE, "--every", "2", "--task", "instance", "--format", "overlay", "--no-track",
+                      "--out", str(tmp_path / "plain")])
+    assert untracked.exit_code == 0, untracked.output
+    assert (tmp_path / "plain" / "overlay" / "clip.avi#000002.jpg").is_file()
 
 
 def test_format_needs_its_task_and_missing_model(tmp_path, monkeypatch):

@@ -43,6 +43,12 @@ class ItemInfo:
         width, height: the image size in pixels.
         source: the absolute path of the source file (for an image; a video for its frames), or None. Kept in the
             item's record only when some writer of the run declares ``needs_source`` (e.g. to copy or link images).
+        sequence: the name of the tracked sequence the item is a frame of (a video's id, ``"clip.mp4"``, or the
+            ``--sequence`` folder's), or None when the run does not track. Within a tracked sequence the
+            ``Segmentation`` a writer gets carries track ids: ``instances.id`` and the thing ``segments.id`` (and so
+            the panoptic map) are the track ids, the same object keeping its id across frames; stuff keeps one id per
+            class for the whole sequence.
+        frame: the 0-based position of the item in its sequence (frames in order, after ``--every``), or None.
     """
 
     id: str
@@ -50,6 +56,8 @@ class ItemInfo:
     width: int
     height: int
     source: str | None = None
+    sequence: str | None = None
+    frame: int | None = None
 
 
 def ranked_records(
@@ -134,6 +142,11 @@ class Writer(ABC):
                 raise ValueError(f"two writers are named {cls.name!r}: {other.__qualname__} and {cls.__qualname__}")
             REGISTERED_WRITERS[cls.name] = cls
 
+    #: Per tracked sequence, each track id's class index as decided over the whole sequence (a score-weighted vote,
+    #: :meth:`masqclip_cli.inference.tracking.Tracker.track_category`), set by the engine before :meth:`finalize`;
+    #: empty when the run does not track. Writers that summarise tracks (one class per track) read it.
+    track_classes: dict[str, dict[int, int]]
+
     def __init__(self, out_dir: str | os.PathLike[str] | None, vocab: Vocabulary, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.option_defaults))
         if unknown:
@@ -145,6 +158,7 @@ class Writer(ABC):
         self.vocab = vocab
         self.category_ids: list[int] = vocab.category_ids()
         self.options: dict[str, Any] = {**self.option_defaults, **options}
+        self.track_classes = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(out_dir={str(self.out_dir)!r})"

@@ -52,6 +52,49 @@ reads it back as the string). Options:
 
 The XML is streamed from the records (one item's record in memory at a time), byte-deterministic (fixed attribute
 order, no timestamps) and written atomically.
+
+**Tracked sequences** (items with ``ItemInfo.sequence``: a video's frames, or a ``--sequence`` run) are not images of
+``annotations.xml``: each sequence gets its own "CVAT for video 1.1" file, ``out/cvat/<sequence>/annotations.xml``
+(``annotations.xml`` itself is then written only when the run also has items outside sequences, or has no items)::
+
+    <annotations>
+      <version>1.1</version>
+      <meta><task> name (the sequence), size (frames), mode "interpolation", start_frame 0, stop_frame (size - 1),
+        <labels> as above (``score`` declared mutable: it changes from frame to frame) </labels>,
+        <original_size> width, height (the largest frame's) </original_size></task></meta>
+      <track id="0" label="person" source="auto" group_id="7">
+        <mask frame="0" keyframe="1" outside="0" occluded="0" rle=... left top width height z_order="0">
+          <attribute name="score">0.93</attribute></mask>
+        ... one shape per frame the object is in; after each run of frames it is in, an ``outside="1"`` keyframe
+        on the next frame (the shape repeated), unless that is past the last frame
+      </track>
+      ...
+    </annotations>
+
+CVAT frame numbers are the frames' 0-based positions in the sequence (``ItemInfo.frame``, after ``--every``). One
+object (a masqclip track id: the same id in the overlay video, the panoptic PNGs and the other formats) is one
+``<track>`` whose ``label`` is the class decided over the whole track (:attr:`Writer.track_classes`, else the most
+common per-frame class, ties to the lowest class index); every frame's shape is a keyframe, its ``score`` the
+frame's score for that class (when the frame has the object under several classes), else the frame's best. The
+``group_id`` is the masqclip track id and ``id`` the CVAT track's 0-based number (tracks in track-id order):
+with ``cvat_shapes="polygon"`` an object of several parts becomes several CVAT tracks (a CVAT track has one polygon
+per frame) -- the ``k``-th part of each frame in the ``k``-th of them -- which share its ``group_id``. Shapes come
+from the instances, else the panoptic segments as for images; **stuff** segments keep one id per class over the
+sequence, so with panoptic results each stuff class is one track too (labelled with its class).
+
+Reading it back: CVAT imports the file into a video task (format "CVAT 1.1"); datumaro
+(``Dataset.import_from("out/cvat/<sequence>", "cvat")``, one sequence's folder: the items of different sequences
+share the names ``frame_000000`` ...) gives one annotation per track shape, with the ``track_id``, ``keyframe`` and
+``outside`` attributes (leave out ``outside`` ones: they only end a track) and the group. datumaro 1.13 and earlier
+cannot read ``<mask>`` shapes inside a ``<track>`` (``CvatBase._parse_shape_ann`` takes the frame size from an
+``<image>`` element, which a video file does not have, and fails with ``AttributeError``): use
+``cvat_shapes="polygon"`` for datumaro, masks for CVAT. ``cvat_images`` puts each frame under
+``out/cvat/<sequence>/images/frame_<frame, 6 digits>.png`` (the decoded frame), the names datumaro looks for.
+
+A sequence's file is assembled from the records in two streamed passes (one record in memory at a time): the first
+counts frames, sizes and each track's per-frame classes, the second appends every shape to a scratch file of the
+sequence in ``out/.masqclip/cvat-tracks/`` (remembering where each track's shapes are), from which the XML is then
+written track by track; the scratch files are removed.
 """
 
 from __future__ import annotations
@@ -59,7 +102,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+from array import array
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +123,11 @@ __all__ = ["CvatWriter", "cvat_mask_rle", "cvat_polygons"]
 SHAPES = ("mask", "polygon")
 HOLES = ("bridge", "fill")
 IMAGE_MODES = ("none", "copy", "link")
+#: Under ``--out``: the run's state folder (as the engine names it) and, in it, the sequences' scratch files.
+STATE_DIR = ".masqclip"
+TRACKS_SCRATCH_DIR = "cvat-tracks"
+#: Bytes of track shapes buffered in memory before they are appended to the scratch files.
+_SCRATCH_FLUSH = 1 << 20
 
 _BAD_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _ATTR_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
@@ -175,6 +227,40 @@ def cvat_polygons(mask: np.ndarray, tolerance: float = 0.0, holes: bool = True) 
     return out
 
 
+# --- tracked sequences ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SequenceInfo:
+    """One sequence as the first pass over the records sees it: its scratch file's number, frame count (last frame
+    + 1), largest frame size and, per track id, how many frames had it under each class (its best one there)."""
+
+    number: int
+    frames: int = 0
+    height: int = 0
+    width: int = 0
+    votes: dict[int, Counter] = field(default_factory=dict)
+
+
+@dataclass
+class _TrackShapes:
+    """One CVAT track in the second pass: where its shapes are in the sequence's scratch file (``offsets``,
+    ``lengths``), the last frame it has a shape on and that shape's geometry and attribute text."""
+
+    offsets: array = field(default_factory=lambda: array("q"))
+    lengths: array = field(default_factory=lambda: array("q"))
+    last: int = -1
+    last_shape: tuple[str, str] = ("", "")
+
+
+def _track_shape(tag: str, frame: int, outside: bool, geometry: str, body: str) -> str:
+    """One ``<mask>`` / ``<polygon>`` of a track, a keyframe."""
+    return (
+        f'    <{tag} frame="{frame}" keyframe="1" outside="{int(outside)}" occluded="0" {geometry} z_order="0">\n'
+        f"{body}    </{tag}>\n"
+    )
+
+
 # --- the writer ----------------------------------------------------------------------------------------------------
 
 
@@ -224,20 +310,36 @@ class CvatWriter(Writer):
         assert self.out_dir is not None
         return self.out_dir / self.kind
 
+    def sequence_dir(self, sequence: str) -> Path:
+        """``out/cvat/<sequence>``: a tracked sequence's ``annotations.xml`` and ``images/``."""
+        assert self.out_dir is not None
+        return output_path(self.out_dir, self.kind, sequence, "")
+
     def _image_path(self, item: ItemInfo) -> Path:
-        """``out/cvat/images/<name>``; the image name is this path relative to ``out/cvat/images``."""
+        """``out/cvat/images/<name>``; the image name is this path relative to ``out/cvat/images``. A frame of a
+        tracked sequence: ``out/cvat/<sequence>/images/frame_<frame>.png``."""
+        if item.sequence is not None:
+            return self.sequence_dir(item.sequence) / self.images_dir / self.image_name(item)
         suffix = ".png" if "#" in os.path.splitext(item.id)[1] else ""  # a video frame: keep its number in the id
         return output_path(self._root(), self.images_dir, item.id, suffix)
 
     def image_name(self, item: ItemInfo) -> str:
-        """The ``<image name>`` of an item: its id (neutralised like an output path), ``.png`` added to a frame."""
+        """The ``<image name>`` of an item: its id (neutralised like an output path), ``.png`` added to a frame;
+        ``frame_<frame, 6 digits>.png`` for a frame of a tracked sequence (CVAT's and datumaro's frame names)."""
+        if item.sequence is not None:
+            if item.frame is None or int(item.frame) < 0:
+                raise ValueError(f"item {item.id!r}: a frame of sequence {item.sequence!r} needs its frame number")
+            return f"frame_{int(item.frame):06d}.png"
         return self._image_path(item).relative_to(self._root() / self.images_dir).as_posix()
 
     def item_files(self, item: ItemInfo) -> list[Path]:
         return [self._image_path(item)] if self.options["cvat_images"] != "none" else []
 
-    def _masks(self, item: ItemInfo, seg: Segmentation, size: tuple[int, int]) -> Iterator[tuple[int, float, Any]]:
-        """(class index, score, bool mask) of every non-empty shape: the instances, else the panoptic segments."""
+    def _masks(
+        self, item: ItemInfo, seg: Segmentation, size: tuple[int, int]
+    ) -> Iterator[tuple[int, int, float, Any]]:
+        """(id, class index, score, bool mask) of every non-empty shape: the instances, else the panoptic segments
+        (ids are track ids in a tracked sequence)."""
         if seg.instances is not None:
             for inst in seg.instances:
                 index = self._category(inst.category)
@@ -247,7 +349,7 @@ class CvatWriter(Writer):
                 if mask.shape != size:
                     raise ValueError(f"item {item.id!r}: instance {inst.id} mask is {mask.shape}, the image {size}")
                 if mask.any():
-                    yield index, float(inst.score), mask
+                    yield int(inst.id), index, float(inst.score), mask
         elif seg.panoptic is not None:
             pan = np.asarray(seg.panoptic)
             if pan.shape != size:
@@ -260,24 +362,42 @@ class CvatWriter(Writer):
                 if area:
                     mask = np.zeros(size, dtype=bool)
                     mask[y : y + h, x : x + w] = cleaned[y : y + h, x : x + w] == int(s.id)
-                    yield int(s.category), float(s.score), mask
+                    yield int(s.id), int(s.category), float(s.score), mask
         else:
             raise ValueError(f"item {item.id!r}: the cvat writer needs instance or panoptic results")
 
+    def _geometry(self, mask: np.ndarray) -> dict[str, Any] | None:
+        """A mask's shape fields in the record: ``rle`` and ``box``, or ``polygons`` (None when nothing is left)."""
+        if self.options["cvat_shapes"] == "polygon":
+            tolerance = float(self.options["cvat_polygon_tolerance"])
+            parts = cvat_polygons(mask, tolerance, self.options["cvat_polygon_holes"] == "bridge")
+            return {"polygons": parts} if parts else None
+        rle, box = cvat_mask_rle(mask)
+        return {"rle": rle, "box": box}
+
     def write_item(self, item: ItemInfo, seg: Segmentation, image: np.ndarray | None = None) -> dict:
+        """The record: the image name and its shapes. An image's shape: ``label``, ``score`` and its geometry. A
+        sequence frame's: ``track`` (the track id), ``labels`` (``[class index, score]`` of every row of the track in
+        this frame, best first: rows of one object under several classes share its mask) and the geometry."""
         size = check_size(item, seg)
-        polygons = self.options["cvat_shapes"] == "polygon"
-        tolerance = float(self.options["cvat_polygon_tolerance"])
-        holes = self.options["cvat_polygon_holes"] == "bridge"
         shapes: list[dict[str, Any]] = []
-        for index, score, mask in self._masks(item, seg, size):
-            if polygons:
-                parts = cvat_polygons(mask, tolerance, holes)
-                if parts:
-                    shapes.append({"label": index, "score": round_score(score), "polygons": parts})
-            else:
-                rle, box = cvat_mask_rle(mask)
-                shapes.append({"label": index, "score": round_score(score), "rle": rle, "box": box})
+        if item.sequence is None:
+            for _, index, score, mask in self._masks(item, seg, size):
+                geometry = self._geometry(mask)
+                if geometry is not None:
+                    shapes.append({"label": index, "score": round_score(score), **geometry})
+        else:
+            rows: dict[int, list[tuple[int, float, Any]]] = {}
+            for track, index, score, mask in self._masks(item, seg, size):
+                if track < 1:
+                    raise ValueError(f"item {item.id!r}: track ids are >= 1, got {track}")
+                rows.setdefault(track, []).append((index, score, mask))
+            for track in sorted(rows):
+                ranked = sorted(rows[track], key=lambda r: (-r[1], r[0]))
+                geometry = self._geometry(ranked[0][2])
+                if geometry is not None:
+                    labels = [[index, round_score(score)] for index, score, _ in ranked]
+                    shapes.append({"track": track, "labels": labels, **geometry})
         if self.options["cvat_images"] != "none":
             self._write_image(item, image, size)
         return {"name": self.image_name(item), "shapes": shapes}
@@ -301,15 +421,171 @@ class CvatWriter(Writer):
 
     # --- the run ---------------------------------------------------------------------------------------------------
     def finalize(self, records) -> list[Path]:
-        """Two streamed passes over ``records`` (count, then images): one item's record in memory at a time."""
+        """Two streamed passes over ``records`` (count, then images): one item's record in memory at a time. Then
+        the sequences' files (see the module docstring)."""
         assert self.out_dir is not None
-        count, last = 0, -1
-        for rank, _, record in ranked_records(records):
-            if record is not None:
+        count, last, sequences = 0, -1, False
+        for rank, item, record in ranked_records(records):
+            if item.sequence is not None:
+                sequences = True
+            elif record is not None:
                 count, last = count + 1, rank - 1
-        return [atomic_write_chunks(self._root() / self.file_name, self._xml(records, count, last))]
+        written = []
+        if count or not sequences:
+            written.append(atomic_write_chunks(self._root() / self.file_name, self._xml(records, count, last)))
+        if sequences:
+            written += self._write_sequences(records)
+        return written
 
-    def _label_lines(self) -> Iterator[str]:
+    # --- tracked sequences ----------------------------------------------------------------------------------------
+    def _write_sequences(self, records) -> list[Path]:
+        """``out/cvat/<sequence>/annotations.xml`` of every sequence in ``records``: a pass to count, a pass to
+        spill each shape to the sequence's scratch file, then each file written track by track."""
+        assert self.out_dir is not None
+        sequences: dict[str, _SequenceInfo] = {}
+        for _, item, record in ranked_records(records):
+            if item.sequence is None:
+                continue
+            info = sequences.setdefault(item.sequence, _SequenceInfo(len(sequences)))
+            if item.frame is None or int(item.frame) < 0:
+                raise ValueError(f"item {item.id!r}: a frame of sequence {item.sequence!r} has no frame number")
+            info.frames = max(info.frames, int(item.frame) + 1)
+            info.height, info.width = max(info.height, int(item.height)), max(info.width, int(item.width))
+            for shape in (record or {}).get("shapes", ()):
+                best = self._category(shape["labels"][0][0])
+                info.votes.setdefault(int(shape["track"]), Counter())[best] += 1
+        labels = {name: self._track_labels(name, info) for name, info in sequences.items()}
+        scratch = self.out_dir / STATE_DIR / TRACKS_SCRATCH_DIR
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            tracks = self._spill(records, sequences, labels, scratch)
+            written = []
+            for name in sorted(sequences):
+                info = sequences[name]
+                path = self.sequence_dir(name) / self.file_name
+                part = scratch / f"{info.number}.part"
+                part.touch()
+                with open(part, "rb") as f:
+                    chunks = self._sequence_xml(name, info, labels[name], tracks.get(name, {}), f)
+                    written.append(atomic_write_chunks(path, chunks))
+            return written
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _track_labels(self, sequence: str, info: _SequenceInfo) -> dict[int, int]:
+        """Each track's class: the decided one (:attr:`track_classes`), else its most common per-frame class."""
+        decided = {int(k): int(v) for k, v in self.track_classes.get(sequence, {}).items()}
+        out = {}
+        for track, votes in info.votes.items():
+            if track in decided:
+                out[track] = self._category(decided[track])
+            else:
+                out[track] = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        return out
+
+    def _spill(
+        self, records, sequences: dict[str, _SequenceInfo], labels: dict[str, dict[int, int]], scratch: Path
+    ) -> dict[str, dict[tuple[int, int], _TrackShapes]]:
+        """Append every track shape to its sequence's scratch file (``<number>.part``, an ``outside`` keyframe first
+        after a gap in the track); returns where each CVAT track's shapes are, per sequence, by (track id, part)."""
+        scores = bool(self.options["cvat_scores"])
+        tracks: dict[str, dict[tuple[int, int], _TrackShapes]] = {}
+        pending: dict[int, list[bytes]] = {}  # scratch file number -> chunks not yet written
+        sizes: dict[int, int] = {}  # scratch file number -> bytes written or pending
+        buffered = 0
+
+        def flush() -> None:
+            for number, chunks in pending.items():
+                with open(scratch / f"{number}.part", "ab") as f:
+                    f.write(b"".join(chunks))
+            pending.clear()
+
+        for _, item, record in ranked_records(records):
+            if item.sequence is None or record is None:
+                continue
+            info, frame = sequences[item.sequence], int(item.frame)
+            sequence_tracks = tracks.setdefault(item.sequence, {})
+            for shape in record["shapes"]:
+                track = int(shape["track"])
+                label = labels[item.sequence][track]
+                frame_scores = {int(index): float(score) for index, score in shape["labels"]}
+                score = frame_scores.get(label, float(shape["labels"][0][1]))
+                body = f'      <attribute name="score">{_score_text(score)}</attribute>\n' if scores else ""
+                if "rle" in shape:
+                    left, top, width, height = (int(v) for v in shape["box"])
+                    geometries = [
+                        ("mask", f'rle="{_attr(shape["rle"])}" left="{left}" top="{top}" width="{width}"'
+                                 f' height="{height}"')
+                    ]
+                else:
+                    geometries = [("polygon", f'points="{_attr(points)}"') for points in shape["polygons"]]
+                for part, (tag, geometry) in enumerate(geometries):
+                    shapes = sequence_tracks.setdefault((track, part), _TrackShapes())
+                    if frame <= shapes.last:
+                        raise ValueError(
+                            f"item {item.id!r}: track {track} of sequence {item.sequence!r} has frame {frame} after "
+                            f"frame {shapes.last} (frames must come in order, once each)"
+                        )
+                    text = ""
+                    if 0 <= shapes.last < frame - 1:  # the object left: end the track's run of frames
+                        text = _track_shape(tag, shapes.last + 1, True, *shapes.last_shape)
+                    data = (text + _track_shape(tag, frame, False, geometry, body)).encode("utf-8")
+                    offset = sizes.get(info.number, 0)
+                    shapes.offsets.append(offset)
+                    shapes.lengths.append(len(data))
+                    sizes[info.number] = offset + len(data)
+                    pending.setdefault(info.number, []).append(data)
+                    buffered += len(data)
+                    shapes.last, shapes.last_shape = frame, (geometry, body)
+                    if buffered >= _SCRATCH_FLUSH:
+                        flush()
+                        buffered = 0
+        flush()
+        return tracks
+
+    def _sequence_xml(
+        self,
+        sequence: str,
+        info: _SequenceInfo,
+        labels: dict[int, int],
+        tracks: dict[tuple[int, int], _TrackShapes],
+        scratch,  # noqa: ANN001 - the sequence's scratch file, open for reading
+    ) -> Iterator[str | bytes]:
+        """The "CVAT for video 1.1" XML of one sequence, each track's shapes read back from ``scratch``."""
+        names = self.vocab.names
+        yield '<?xml version="1.0" encoding="utf-8"?>\n<annotations>\n  <version>1.1</version>\n  <meta>\n'
+        yield "    <task>\n"
+        yield f"      <name>{_text(sequence)}</name>\n"
+        yield f"      <size>{info.frames}</size>\n"
+        yield "      <mode>interpolation</mode>\n"
+        yield "      <overlap>0</overlap>\n"
+        yield "      <bugtracker></bugtracker>\n"
+        yield "      <start_frame>0</start_frame>\n"
+        yield f"      <stop_frame>{max(info.frames - 1, 0)}</stop_frame>\n"
+        yield "      <frame_filter></frame_filter>\n"
+        yield "      <labels>\n"
+        yield from self._label_lines(mutable=True)
+        yield "      </labels>\n"
+        yield "      <original_size>\n"
+        yield f"        <width>{info.width}</width>\n"
+        yield f"        <height>{info.height}</height>\n"
+        yield "      </original_size>\n"
+        yield "    </task>\n  </meta>\n"
+        for number, key in enumerate(sorted(tracks)):
+            track, shapes = key[0], tracks[key]
+            label = _attr(names[labels[track]])
+            yield f'  <track id="{number}" label="{label}" source="auto" group_id="{track}">\n'
+            for offset, length in zip(shapes.offsets, shapes.lengths):
+                scratch.seek(offset)
+                yield scratch.read(length)
+            if shapes.last < info.frames - 1:  # the object is gone after its last frame
+                tag = "mask" if shapes.last_shape[0].startswith("rle=") else "polygon"
+                yield _track_shape(tag, shapes.last + 1, True, *shapes.last_shape)
+            yield "  </track>\n"
+        yield "</annotations>\n"
+
+    def _label_lines(self, *, mutable: bool = False) -> Iterator[str]:
         colors = self.vocab.colors()
         for i, name in enumerate(self.vocab.names):
             r, g, b = (int(c) for c in colors[i])
@@ -321,7 +597,7 @@ class CvatWriter(Writer):
                 yield "        <attributes>\n"
                 yield "          <attribute>\n"
                 yield "            <name>score</name>\n"
-                yield "            <mutable>False</mutable>\n"
+                yield f"            <mutable>{mutable}</mutable>\n"
                 yield "            <input_type>text</input_type>\n"
                 yield "            <default_value></default_value>\n"
                 yield "            <values></values>\n"
@@ -348,7 +624,7 @@ class CvatWriter(Writer):
         yield from self._label_lines()
         yield "      </labels>\n    </task>\n  </meta>\n"
         for rank, item, record in ranked_records(records):
-            if record is None:
+            if record is None or item.sequence is not None:
                 continue
             yield (
                 f'  <image id="{rank - 1}" name="{_attr(record["name"])}" width="{int(item.width)}"'

@@ -58,18 +58,22 @@ class PanopticWriter(Writer):
         return {"file_name": path.relative_to(self.out_dir / self.kind).as_posix(), "segments_info": infos}
 
     def finalize(self, records) -> list[Path]:
-        """Two streamed passes over ``records`` (images, then annotations): one item's record in memory at a time."""
+        """Two streamed passes over ``records`` (images, then annotations): one item's record in memory at a time.
+        In a tracked sequence a segment id is its track id and its ``category_id`` the track's class decided over
+        the whole sequence (:attr:`Writer.track_classes`), the same in every frame."""
         assert self.out_dir is not None
         images = coco_images(records)
 
         def annotations() -> Iterator[dict[str, Any]]:
-            for image_id, _, record in ranked_records(records):
+            for image_id, item, record in ranked_records(records):
                 if record is None:
                     continue
+                decided = self.track_classes.get(item.sequence, {}) if item.sequence is not None else {}
                 infos = [
                     {
                         "id": int(info["id"]),
-                        "category_id": int(info["category_id"]),
+                        "category_id": (self.category_ids[decided[int(info["id"])]] if int(info["id"]) in decided
+                                        else int(info["category_id"])),
                         "iscrowd": 0,
                         "bbox": [int(v) for v in info["bbox"]],
                         "area": int(info["area"]),
