@@ -503,23 +503,29 @@ def _jitter_color(rng: np.random.Generator, color_name: str) -> tuple[int, int, 
 
 def _place_shape(rng: np.random.Generator, name: str, h: int, w: int, scale: float) -> np.ndarray | None:
     """The in-frame mask of one randomly placed, sized and rotated shape (None when nothing lands in the frame)."""
-    filled, cut, rotation = _SHAPES[name]
+    rotation = _SHAPES[name][2]
     radius = rng.uniform(0.07, 0.18) * min(h, w)
     cx = rng.uniform(0.08, 0.92) * w
     cy = rng.uniform(0.08, 0.92) * h
     angle = np.deg2rad(rng.uniform(-rotation, rotation)) if rotation else 0.0
+    mask = draw_shape(name, cx, cy, radius, angle, h, w)
+    return mask if mask.any() else None
+
+
+def draw_shape(name: str, cx: float, cy: float, radius: float, angle: float, h: int, w: int) -> np.ndarray:
+    """(h, w) bool: the in-frame pixels of shape ``name`` centred at (cx, cy) pixels, of ``radius`` pixels, rotated by
+    ``angle`` radians: sub-pixel vertices (4 fractional bits), pixel centres at integer coordinates, holes cut."""
+    filled, cut, _ = _SHAPES[name]
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
 
     def polys(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        # Sub-pixel vertices (4 fractional bits), pixel centres at integer coordinates.
         return [np.rint(((p @ rot.T) * radius + (cx - 0.5, cy - 0.5)) * 16).astype(np.int32) for p in parts]
 
     canvas = np.zeros((h, w), dtype=np.uint8)
     cv2.fillPoly(canvas, polys(filled), 1, lineType=cv2.LINE_8, shift=4)
     if cut:
         cv2.fillPoly(canvas, polys(cut), 0, lineType=cv2.LINE_8, shift=4)
-    mask = canvas.astype(bool)
-    return mask if mask.any() else None
+    return canvas.astype(bool)
 
 
 def _paint_object(rng: np.random.Generator, image: np.ndarray, shape: np.ndarray, rgb: Sequence[int], scale: float):

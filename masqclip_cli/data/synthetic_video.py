@@ -57,13 +57,11 @@ import dataclasses
 import hashlib
 import io
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from masqclip_cli.data.synthetic import (
@@ -79,6 +77,7 @@ from masqclip_cli.data.synthetic import (
     _layout,
     _paint_object,
     _pick_color,
+    draw_shape,
     vocab_text,
 )
 from masqclip_cli.io.files import atomic_save_png, atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -297,18 +296,7 @@ def _shape_extent(name: str) -> float:
 
 def _shape_mask(name: str, cx: float, cy: float, radius: float, angle_deg: float, h: int, w: int) -> np.ndarray:
     """(h, w) bool: the in-frame pixels of a shape, drawn as the image world draws it (sub-pixel vertices)."""
-    filled, cut, _ = _SHAPES[name]
-    angle = np.deg2rad(angle_deg)
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-
-    def polys(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [np.rint(((p @ rot.T) * radius + (cx - 0.5, cy - 0.5)) * 16).astype(np.int32) for p in parts]
-
-    canvas = np.zeros((h, w), dtype=np.uint8)
-    cv2.fillPoly(canvas, polys(filled), 1, lineType=cv2.LINE_8, shift=4)
-    if cut:
-        cv2.fillPoly(canvas, polys(cut), 0, lineType=cv2.LINE_8, shift=4)
-    return canvas.astype(bool)
+    return draw_shape(name, cx, cy, radius, np.deg2rad(angle_deg), h, w)
 
 
 def _edge_crossing(rng: np.random.Generator, h: int, w: int, outward: bool) -> tuple[np.ndarray, np.ndarray, float]:

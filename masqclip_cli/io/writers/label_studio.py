@@ -241,12 +241,11 @@ class LabelStudioWriter(Writer):
         """(class index, score, mask) of every instance, or of every panoptic segment without instances."""
         size = tuple(int(v) for v in seg.image_size)
         if seg.instances is not None:
-            for inst in seg.instances:
-                if inst.mask is None:
-                    raise ValueError(f"item {item.id!r}: instance {inst.id} has no mask")
-                mask = np.asarray(inst.mask, dtype=bool)
-                if mask.shape != size:
-                    raise ValueError(f"item {item.id!r}: instance {inst.id} mask is {mask.shape}, the image {size}")
+            try:
+                checked = seg.instance_masks()
+            except ValueError as exc:
+                raise ValueError(f"item {item.id!r}: {exc}") from None
+            for inst, mask in checked:
                 yield self._category(inst.category), inst.score, mask
         elif seg.panoptic is not None:
             pan = np.asarray(seg.panoptic)
