@@ -216,3 +216,9 @@ def test_overlay_video_and_cvat_tracks_of_a_run_load_in_pyav_and_datumaro(clip, 
     assert seen
     for tid, frames_of in seen.items():
         assert frames_of == {f for f in range(FRAMES) if tid in panoptic[f]}
+
+
+def test_export_of_a_tracked_run_is_refused_in_one_line(tracked, tmp_path):
+    result = runner.invoke(app, ["export", str(tracked), "--format", "coco", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "tracked (video) run cannot be exported" in result.stderr and len(result.stderr.strip().splitlines()) == 1
