@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark suite on this CPU (fp32, 2 threads, random weights); results in bench/results/*.json.
-# About 30-40 minutes on the project's 2-core machine -- keep the machine otherwise idle: other work on the two
+# About 35-45 minutes on the project's 2-core machine -- keep the machine otherwise idle: other work on the two
 # cores slows 2-thread torch badly (every result file records the load average).
 #
 #     bash bench/run_all.sh            # everything
@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's masqclip_
 if [[ "${1:-}" == "--smoke" ]]; then
     out=$(mktemp -d)
     export MASQCLIP_CACHE_DIR="$out/cache"
-    for script in masq_overhead model_stages crop_classify vocab_scale streaming_memory segment_e2e train_step; do
+    for script in masq_overhead model_stages crop_classify vocab_scale streaming_memory segment_e2e train_step video_tracking; do
         echo "== $script (smoke)"
         python "bench/$script.py" --smoke --out "$out/$script.json"
     done
@@ -27,6 +27,7 @@ step python bench/model_stages.py --model full-random                           
 step python bench/crop_classify.py --clip ViT-B-16 ViT-L-14-336-quickgelu --repeats 3      # ~10 min
 step python bench/vocab_scale.py --sizes 10,150,1000,10000                                 # ~6 min
 step python bench/streaming_memory.py --counts 200,2000                                    # ~3 min
+step python bench/video_tracking.py                                                        # ~4 min
 step python bench/segment_e2e.py --models tiny-random,full-random,demo                     # ~4 min
 step python bench/train_step.py --geometries tiny,full --iterations 3                      # ~10 min
 echo; echo "done ($(date +%H:%M:%S)): bench/results/*.json"

@@ -42,7 +42,7 @@ from masqclip_cli.inference.preannotation import Preannotation
 from masqclip_cli.inference.predictor import Predictor
 from masqclip_cli.inference.preprocess import prepare_image
 from masqclip_cli.inference.tracking import TrackerConfig
-from masqclip_cli.inference.video_tracks import TRACKS_DIR, SequenceTracking, TrackingOptions, sequence_name
+from masqclip_cli.inference.video_tracks import SequenceTracking, TrackingOptions, sequence_name
 from masqclip_cli.io.files import atomic_write_text, dumps_json, remove_stale_temp_files
 from masqclip_cli.io.sources import (
     SkipItem,
@@ -228,6 +228,12 @@ def _read_record(out_dir: Path, item_id: str) -> dict | None:
         return None
 
 
+def _tracker_state(out_dir: Path | None, item_id: str) -> dict | None:
+    """The tracker state a frame's record keeps (None without one)."""
+    record = _read_record(out_dir, item_id) if out_dir is not None else None
+    return None if record is None else record.get("tracker")
+
+
 def _item_info(record: dict) -> ItemInfo:
     return ItemInfo(id=record["id"], file_name=record["file_name"], width=record["width"], height=record["height"],
                     source=record.get("source"), sequence=record.get("sequence"), frame=record.get("frame"))
@@ -353,7 +359,7 @@ def segment(
 
     # list the items (paths only, never decoded images), keep this shard's, split off the finished ones
     tracks = options.tracks(source)
-    tracking = SequenceTracking(out_dir, options.tracking.config) if tracks else None
+    tracking = SequenceTracking(options.tracking.config) if tracks else None
     sequence_label = Path(source).name if source != "-" else "stdin"
     listed: list[SourceItem] = []
     for entry in iter_items(source, recursive=options.recursive,
@@ -379,28 +385,31 @@ def segment(
                 frames[item.id] = (sequence, counts.get(sequence, 0))
                 counts[sequence] = counts.get(sequence, 0) + 1
     infos: dict[str, ItemInfo] = {}  # items with a record on disk (records themselves are not kept in memory)
-    finished_records: dict[str, dict] = {}
+    finished: dict[str, ItemInfo] = {}
     for item in listed:
         record = _read_record(out_dir, item.id) if out_dir is not None else None
-        if (record is not None and result_path(out_dir, item.id).is_file()
-                and all(p.is_file() for w in writers for p in w.item_files(_item_info(record)))):
-            finished_records[item.id] = record
-    if tracking is not None:  # a sequence resumes from its latest saved tracker state; later frames run again
-        by_sequence: dict[str, list[str]] = {}
-        for item_id, (sequence, _) in frames.items():
-            by_sequence.setdefault(sequence, []).append(item_id)
+        if record is not None:
+            info = _item_info(record)
+            files = [result_path(out_dir, item.id), *(p for w in writers for p in w.item_files(info))]
+            if all(p.is_file() for p in files):
+                finished[item.id] = info
+    by_sequence: dict[str, list[str]] = {}
+    for item_id, (sequence, _) in frames.items():
+        by_sequence.setdefault(sequence, []).append(item_id)
+    if tracking is not None:  # a sequence resumes after its finished leading frames; later frames run again
         for sequence, ids in by_sequence.items():
-            keep = tracking.resume_point(sequence, [i in finished_records for i in ids])
+            keep = tracking.resume_point(sequence, [i in finished for i in ids],
+                                         lambda k, ids=ids: _tracker_state(out_dir, ids[k]))
             for item_id in ids[keep:]:
-                finished_records.pop(item_id, None)
+                finished.pop(item_id, None)
     todo: list[SourceItem] = []
     for item in listed:
-        if item.id in finished_records:
-            infos[item.id] = _item_info(finished_records[item.id])
+        if item.id in finished:
+            infos[item.id] = finished[item.id]
             summary.reused += 1
         else:
             todo.append(item)
-    finished_records.clear()
+    finished.clear()
     total = len(listed)
     finished = summary.reused
 
@@ -458,7 +467,8 @@ def segment(
             signal.signal(signal.SIGINT, previous_handler)
 
     if tracking is not None:
-        tracking.load_final_states(sorted({sequence for sequence, _ in frames.values()}))
+        tracking.load_final_states({seq: _tracker_state(out_dir, ids[-1]) for seq, ids in by_sequence.items()
+                                    if seq not in tracking.trackers})
         for writer in writers:
             writer.track_classes = tracking.track_classes()
     if out_dir is not None:
@@ -516,7 +526,7 @@ def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, t
             for writer in writers:
                 record["writers"][writer.name] = writer.write_item(info, kept, rgb if writer.needs_image else None)
             if tracking is not None and sequence is not None:
-                tracking.save(sequence, frame)  # before the record: a finished frame always has its state
+                record["tracker"] = tracking.state_json(sequence)  # the state after this frame, for resume
             if out_dir is not None:  # the record last: an item is finished when its record exists
                 atomic_write_text(_record_path(out_dir, item.id), json.dumps(record, separators=(",", ":")) + "\n")
             summary.seconds["write"] += time.perf_counter() - t2
@@ -584,13 +594,14 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(record_file, target)
             infos[info.id] = info
-        tracks = d / STATE_DIR / TRACKS_DIR  # tracker states: a sequence lives in one shard
-        if tracks.is_dir():
-            shutil.copytree(tracks, out_dir / STATE_DIR / TRACKS_DIR, dirs_exist_ok=True)
-    sequences = sorted({info.sequence for info in infos.values() if info.sequence is not None})
-    if sequences:
-        tracking = SequenceTracking(out_dir, TrackerConfig())
-        tracking.load_final_states(sequences)
+    last_frames: dict[str, ItemInfo] = {}  # a sequence lives in one shard: its last frame's record has its state
+    for info in infos.values():
+        if info.sequence is not None and (info.sequence not in last_frames
+                                          or info.frame > last_frames[info.sequence].frame):
+            last_frames[info.sequence] = info
+    if last_frames:
+        tracking = SequenceTracking(TrackerConfig())
+        tracking.load_final_states({seq: _tracker_state(out_dir, info.id) for seq, info in last_frames.items()})
         for writer in writers:
             writer.track_classes = tracking.track_classes()
     written = []

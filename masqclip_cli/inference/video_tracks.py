@@ -13,30 +13,24 @@ embedding. The track id then becomes the ``id`` of every instance row of that qu
 (the panoptic map relabelled); stuff segments take their class's one id per sequence. See
 :class:`~masqclip_cli.io.writers.base.ItemInfo`.
 
-State: after each frame the tracker's state goes to ``<out>/.masqclip/tracks/<sequence>/<frame>.json`` (atomically,
-before the frame's record), and the state two frames back is removed, so disk use stays flat. On resume a sequence
-restarts from the latest frame whose state and record both exist, with all frames before it finished; later frames
-are computed again.
+State: each frame's record (``<out>/.masqclip/items/<frame id>.json``) keeps the tracker's state after that frame
+(key ``tracker``, :meth:`~masqclip_cli.inference.tracking.Tracker.state_dict`), written with the record, atomically,
+as the last step of the frame. On resume a sequence restarts after its longest run of finished leading frames, from
+the state in the last one's record; later frames are computed again.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from masqclip_cli.inference.tracking import Tracker, TrackerConfig
-from masqclip_cli.io.files import atomic_write_text, output_path
 from masqclip_cli.io.sources import SourceItem
 from masqclip_cli.structures import Segmentation, Segments
 
-__all__ = ["TRACKS_DIR", "SequenceTracking", "TrackingOptions", "sequence_name"]
-
-#: Under the run's state folder: one folder of tracker states per sequence.
-TRACKS_DIR = "tracks"
+__all__ = ["SequenceTracking", "TrackingOptions", "sequence_name"]
 
 
 @dataclass(frozen=True)
@@ -70,58 +64,32 @@ def sequence_name(item: SourceItem, options: TrackingOptions, sequence_label: st
 
 
 class SequenceTracking:
-    """The trackers of a run's sequences and their states on disk (``out_dir`` None: in memory only)."""
+    """The trackers of a run's sequences."""
 
-    def __init__(self, out_dir: Path | None, config: TrackerConfig) -> None:
-        self.out_dir = out_dir
+    def __init__(self, config: TrackerConfig) -> None:
         self.config = config
         self.trackers: dict[str, Tracker] = {}
 
-    # --- state on disk ----------------------------------------------------------------------------------------
-    def _state_path(self, sequence: str, frame: int) -> Path:
-        assert self.out_dir is not None
-        return output_path(self.out_dir / ".masqclip", TRACKS_DIR, sequence, "") / f"{frame:08d}.json"
+    # --- state ------------------------------------------------------------------------------------------------
+    def state_json(self, sequence: str) -> dict:
+        """The state of ``sequence``'s tracker after its latest frame: what the frame's record keeps."""
+        return self.trackers[sequence].state_dict()
 
-    def saved_frames(self, sequence: str) -> list[int]:
-        """Frames of ``sequence`` whose tracker state is on disk, ascending."""
-        if self.out_dir is None:
-            return []
-        folder = self._state_path(sequence, 0).parent
-        frames = []
-        for path in folder.glob("*.json") if folder.is_dir() else ():
-            if path.stem.isdigit():
-                frames.append(int(path.stem))
-        return sorted(frames)
-
-    def restore(self, sequence: str, frame: int) -> None:
-        """Load the tracker of ``sequence`` as it was after ``frame``."""
-        state = json.loads(self._state_path(sequence, frame).read_text())
-        self.trackers[sequence] = Tracker.from_state(state)
-
-    def resume_point(self, sequence: str, finished: Sequence[bool]) -> int:
-        """How many leading frames of ``sequence`` are finished and can be kept: the latest frame ``f`` whose state
-        is on disk and whose record exists with every frame before it finished gives ``f + 1`` (its tracker is
-        restored); 0 when none (the sequence starts over)."""
+    def resume_point(self, sequence: str, finished: Sequence[bool],
+                     state_of: Callable[[int], Mapping | None]) -> int:
+        """How many leading frames of ``sequence`` are finished and can be kept (their tracker restored from the last
+        one's record, ``state_of(frame)``); 0 when none, or when that record holds no state (the sequence starts
+        over). Frames after them are computed again."""
         prefix = 0
         while prefix < len(finished) and finished[prefix]:
             prefix += 1
-        for frame in reversed(self.saved_frames(sequence)):
-            if frame < prefix:
-                self.restore(sequence, frame)
-                return frame + 1
-        return 0
-
-    def save(self, sequence: str, frame: int) -> None:
-        """Write the state after ``frame`` (before the frame's record), then drop the one two frames back."""
-        if self.out_dir is None:
-            return
-        path = self._state_path(sequence, frame)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.trackers[sequence].state_dict(), sort_keys=True,
-                                           separators=(",", ":")) + "\n")
-        for old in self.saved_frames(sequence):
-            if old < frame - 1:
-                self._state_path(sequence, old).unlink(missing_ok=True)
+        if prefix == 0:
+            return 0
+        state = state_of(prefix - 1)
+        if not state:
+            return 0
+        self.trackers[sequence] = Tracker.from_state(state)
+        return prefix
 
     def track_classes(self) -> dict[str, dict[int, int]]:
         """Per sequence, each thing track's class decided over its frames (and each stuff id's class)."""
@@ -132,13 +100,12 @@ class SequenceTracking:
             out[sequence] = dict(sorted(classes.items()))
         return out
 
-    def load_final_states(self, sequences: Sequence[str]) -> None:
-        """Restore, for sequences this run did not touch (all reused), the tracker after their last saved frame."""
-        for sequence in sequences:
-            if sequence not in self.trackers:
-                frames = self.saved_frames(sequence)
-                if frames:
-                    self.restore(sequence, frames[-1])
+    def load_final_states(self, last_states: Mapping[str, Mapping | None]) -> None:
+        """Restore, for sequences this run did not touch (all frames reused), the tracker after their last frame
+        (``last_states``: sequence -> the state in its last frame's record)."""
+        for sequence, state in last_states.items():
+            if sequence not in self.trackers and state:
+                self.trackers[sequence] = Tracker.from_state(state)
 
     # --- one frame --------------------------------------------------------------------------------------------
     def assign(self, sequence: str, frame: int, seg: Segmentation, embeddings: np.ndarray | None) -> Segmentation:

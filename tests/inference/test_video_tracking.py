@@ -96,9 +96,10 @@ def test_ids_are_stable_across_frames_and_one_class_per_track(tracked):
     # COCO instances of a frame carry no id, but the run fingerprint records the tracking
     fingerprint = json.loads((tracked / ".masqclip" / "run.json").read_text())
     assert fingerprint["tracking"]["tracker"]["max_gap"] == 5
-    # states kept: only the last two frames
-    states = sorted(p.name for p in (tracked / ".masqclip" / "tracks" / "clip.mp4").iterdir())
-    assert states == [f"{FRAMES - 2:08d}.json", f"{FRAMES - 1:08d}.json"]
+    # each frame's record keeps the tracker's state after that frame (what a resumed run restarts from)
+    for t in (0, FRAMES - 1):
+        record = json.loads((tracked / ".masqclip" / "items" / f"clip.mp4#{t:06d}.json").read_text())
+        assert record["tracker"]["last_frame"] == t and (record["sequence"], record["frame"]) == ("clip.mp4", t)
 
 
 def test_no_track_gives_frame_by_frame_ids(clip, tracked, tmp_path):
@@ -107,7 +108,8 @@ def test_no_track_gives_frame_by_frame_ids(clip, tracked, tmp_path):
     plain = _segments_by_frame(tmp_path / "plain")
     # per-frame panoptic ids restart in every frame: small ids only, and no tracker state
     assert all(max(frame, default=0) <= len(frame) for frame in plain)
-    assert not (tmp_path / "plain" / ".masqclip" / "tracks").exists()
+    record = json.loads((tmp_path / "plain" / ".masqclip" / "items" / "clip.mp4#000003.json").read_text())
+    assert "tracker" not in record and "sequence" not in record
     assert "tracking" not in json.loads((tmp_path / "plain" / ".masqclip" / "run.json").read_text())
     # the same pixels were segmented: the union of segments per frame covers the same area
     tracked_frames = json.loads((tracked / "panoptic.json").read_text())["annotations"]
@@ -126,7 +128,8 @@ def test_sequence_over_images(tmp_path):
     frames = _segments_by_frame(tmp_path / "o")
     shared = set(frames[0]) & set(frames[1]) & set(frames[2]) & set(frames[3])
     assert len(shared) >= 2  # objects keep their ids through the sequence
-    assert (tmp_path / "o" / ".masqclip" / "tracks" / "seq").is_dir()
+    record = json.loads((tmp_path / "o" / ".masqclip" / "items" / "f03.png.json").read_text())
+    assert (record["sequence"], record["frame"], record["tracker"]["last_frame"]) == ("seq", 3, 3)
 
 
 def test_killed_mid_video_resumes_to_identical_outputs(clip, tracked, tmp_path):

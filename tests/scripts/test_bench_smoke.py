@@ -82,6 +82,24 @@ def check_train_step(r: dict) -> None:
             assert _positive(entry[stage]["seconds_per_iteration"], entry[stage]["wall_seconds"])
 
 
+def check_video_tracking(r: dict) -> None:
+    memory = r["memory"]
+    assert [row["run"] for row in memory["rows"]] == ["warmup", "short", "long"]
+    short, long = memory["rows"][1], memory["rows"][2]
+    assert 0 < short["frames"] < long["frames"] == r["video"]["frames"]
+    for row in memory["rows"]:
+        assert _positive(row["peak_rss_mib"], row["wall_s"], row["frames"])
+    assert long["mots_lines"] > 0 and long["vis_tracks"] > 0  # the run tracked objects and wrote them
+    assert abs(memory["peak_rss_ratio"] - long["peak_rss_mib"] / short["peak_rss_mib"]) < 1e-2
+    overhead = r["overhead"]
+    assert len(overhead["runs"]) == 2 * overhead["alternations"]
+    for run in overhead["runs"]:
+        assert run["frames"] == overhead["frames"] and _positive(run["per_frame_ms"], run["cpu_ms_per_frame"])
+        assert (run["track_assign_ms_per_frame"] > 0) == run["track"]  # only the tracked runs ran the tracker
+    assert _positive(overhead["per_frame_ratio"], overhead["cpu_per_frame_ratio"], overhead["tracker_time_ratio"])
+    assert isinstance(r["targets"]["tracking_per_frame_ratio"]["met"], bool)
+
+
 CHECKS = {
     "masq_overhead.py": check_masq_overhead,
     "model_stages.py": check_model_stages,
@@ -90,6 +108,7 @@ CHECKS = {
     "streaming_memory.py": check_streaming_memory,
     "segment_e2e.py": check_segment_e2e,
     "train_step.py": check_train_step,
+    "video_tracking.py": check_video_tracking,
 }
 
 
