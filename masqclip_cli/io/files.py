@@ -168,15 +168,12 @@ def _same_file_contents(a: Path, b: Path) -> bool:
         return False
 
 
-def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | bytes], *, compare: bool = True,
-                        fsync: bool = True) -> Path:
+def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | bytes], *, compare: bool = True) -> Path:
     """Stream ``chunks`` (bytes, or text written as UTF-8) into ``path`` atomically: a temporary file in the same
     folder (created with the umask's permissions, parent folders created), flushed and fsynced, then
     :func:`os.replace`-d over ``path`` -- unless (``compare``) ``path`` already holds exactly these bytes, which is
     then left untouched. On any error the temporary file is removed and ``path`` is left as it was. Memory use is one
-    chunk (plus a 1 MiB write buffer), whatever the total. ``fsync=False`` skips the fsync, for files a reader
-    checks and can do without (a killed process still leaves the whole file or the old one; only a power cut may
-    leave it empty)."""
+    chunk (plus a 1 MiB write buffer), whatever the total."""
     path = Path(path)
     tmp, f = _open_temp(path)
     try:
@@ -192,8 +189,7 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | byt
                     buffer, size = [], 0
             f.write(b"".join(buffer))
             f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+            os.fsync(f.fileno())
     except BaseException:
         _remove_quietly(tmp)
         raise
