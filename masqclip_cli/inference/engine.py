@@ -234,6 +234,15 @@ def _tracker_state(out_dir: Path | None, item_id: str) -> dict | None:
     return None if record is None else record.get("tracker")
 
 
+def _last_tracker_state(out_dir: Path | None, frame_ids: Sequence[str]) -> dict | None:
+    """The tracker state of the last of ``frame_ids`` whose record keeps one (a failed last frame has none)."""
+    for item_id in reversed(frame_ids):
+        state = _tracker_state(out_dir, item_id)
+        if state is not None:
+            return state
+    return None
+
+
 def _item_info(record: dict) -> ItemInfo:
     return ItemInfo(id=record["id"], file_name=record["file_name"], width=record["width"], height=record["height"],
                     source=record.get("source"), sequence=record.get("sequence"), frame=record.get("frame"))
@@ -467,7 +476,7 @@ def segment(
             signal.signal(signal.SIGINT, previous_handler)
 
     if tracking is not None:
-        tracking.load_final_states({seq: _tracker_state(out_dir, ids[-1]) for seq, ids in by_sequence.items()
+        tracking.load_final_states({seq: _last_tracker_state(out_dir, ids) for seq, ids in by_sequence.items()
                                     if seq not in tracking.trackers})
         for writer in writers:
             writer.track_classes = tracking.track_classes()
