@@ -6,6 +6,7 @@ Errors in the input are one line on stderr (``error: <file>:<line>: <problem>``)
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -276,6 +277,46 @@ def _preannotation(min_score: float | None, min_area: float | None, max_per_imag
         raise fail(message) from None
 
 
+def _check_device(device: str) -> str:
+    """``device`` resolved (``auto`` → the best available) and checked to exist here: exit 2 with one line naming what
+    is available otherwise."""
+    import torch
+
+    from masqclip_cli.modeling.factory import resolve_device
+
+    name = device.strip().lower()
+    kind, _, index = name.partition(":")
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        available.append("mps")
+    if name == "auto":
+        return resolve_device("auto")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise fail(f"--device: unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
+    if name not in available:
+        raise fail(f"--device {device}: not available on this machine (available: {', '.join(available)})")
+    return name
+
+
+def _check_numbers(**values: Any) -> None:
+    """Exit 2 with one line for an option out of its range: thresholds in [0, 1], ``topk`` >= 1, sizes >= 1 (short
+    side: >= 0, where 0 keeps the size)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name.endswith("threshold"):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+                raise fail(f"{flag} must be a number in [0, 1], got {value}")
+        elif name == "short_side" and value < 0:
+            raise fail(f"{flag} must be >= 0 (0 keeps the image size), got {value}")
+        elif name != "short_side" and value < 1:
+            raise fail(f"{flag} must be >= 1, got {value}")
+
+
 def _parse_shard(value: str | None) -> tuple[int, int]:
     from masqclip_cli.inference.engine import resolve_shard
 
@@ -307,6 +348,13 @@ def _label_map(path: Path | None) -> Any:
         return LabelMap.load(path)
     except ValueError as exc:
         raise fail(str(exc)) from None
+
+
+def _warn_no_things(vocabulary: Any, tasks: tuple[str, ...], keep_stuff: bool) -> None:
+    """Say why --task instance would find nothing: a vocabulary of stuff classes only."""
+    if "instance" in tasks and not keep_stuff and len(vocabulary) and not any(vocabulary.isthing):
+        err.print("warning: the vocabulary has only stuff classes, so --task instance finds nothing (instances are "
+                  "things); mark classes [thing] or add --instance-keep-stuff", highlight=False, soft_wrap=True)
 
 
 def _check_label_map(label_map: Any, vocabulary: Any) -> None:
@@ -408,7 +456,7 @@ def segment_command(
     from masqclip_cli.io.writers import WRITERS, default_formats, missing_tasks
     from masqclip_cli.modeling.checkpoint import ModelFileError
     from masqclip_cli.modeling.clip_loader import WeightsNotFoundError
-    from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model, model_identity, resolve_device
+    from masqclip_cli.modeling.factory import ModelNotAvailableError, load_model, model_identity
     from masqclip_cli.modeling.text import TextEmbeddingCache
     from masqclip_cli.vocab import VocabularyError, load_vocabulary, read_templates
 
@@ -416,6 +464,9 @@ def segment_command(
     formats = _split_list(fmt, "format", tuple(WRITERS)) if fmt else default_formats(tasks)
     for name, absent in missing_tasks(formats, tasks).items():  # before the model loads
         raise fail(f"--format {name} needs --task {' or '.join(absent)} (add it to --task)")
+    _check_numbers(object_threshold=object_threshold, overlap_threshold=overlap_threshold, topk=topk,
+                   short_side=short_side, max_size=max_size)
+    picked_device = _check_device(device)
     writer_options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
                                      ls_image_root=image_root, coco_masks=coco_masks, coco_layout=layout)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
@@ -436,13 +487,14 @@ def segment_command(
         raise fail(str(exc)) from None
     if vocabulary is not None:
         _check_label_map(label_map, vocabulary)  # before the model loads
+        _warn_no_things(vocabulary, tasks, instance_keep_stuff)
 
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        net = load_model(model, device=resolve_device(device), precision=precision)
+        net = load_model(model, device=picked_device, precision=precision)
         model_id = model_identity(model)
     except (ModelNotAvailableError, ModelFileError, WeightsNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -455,6 +507,7 @@ def segment_command(
             raise fail(f"model '{model}' stores no vocabulary: give one with --vocab")
         vocabulary = net.vocabulary
         _check_label_map(label_map, vocabulary)
+        _warn_no_things(vocabulary, tasks, instance_keep_stuff)
     else:
         try:
             net.set_vocabulary(vocabulary, templates=template_list, cache=TextEmbeddingCache(),
@@ -508,13 +561,23 @@ def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary
         f"{summary.seconds['model']:.1f} s, post-process {summary.seconds['postprocess']:.1f} s, write "
         f"{summary.seconds['write']:.1f} s)",
         highlight=False,
+        soft_wrap=True,
     )
     for _, reason in summary.skipped:
         err.print(f"skipped: {reason}", highlight=False, soft_wrap=True)
     for _, reason in summary.failed:
         err.print(f"failed: {reason}", highlight=False, soft_wrap=True)
-    if summary.interrupted:
-        err.print("interrupted: finished items were kept and assembled; run again to resume", highlight=False)
+    if summary.interrupted and summary.unassembled:
+        err.print(f"interrupted during assembly: finished items were kept; not assembled: "
+                  f"{', '.join(summary.unassembled)} (run again to assemble them)", highlight=False, soft_wrap=True)
+    elif summary.interrupted:
+        err.print("interrupted: finished items were kept and assembled; run again to resume", highlight=False,
+                  soft_wrap=True)
+    elif summary.unassembled:
+        err.print(f"not assembled: {', '.join(summary.unassembled)}", highlight=False, soft_wrap=True)
+    if summary.fatal is not None:
+        err.print(f"[bold red]error:[/] {summary.fatal} (run stopped; what was written before is intact, run "
+                  "again to resume)", highlight=False, soft_wrap=True)
 
 
 @app.command("export")
@@ -571,11 +634,19 @@ def export_command(
 def merge_command(
     shards: list[Path] = typer.Argument(..., help="The --out folders of the shards (all of them)."),
     out: Path = typer.Option(..., "--out", "-o", help="The merged output folder."),
+    allow_partial: bool = typer.Option(False, help="Merge shards whose runs did not finish (their missing items "
+                                       "are left out)."),
 ) -> None:
     """Join the outputs of `segment --shard i/n` runs into one set, equal to a single run's."""
-    from masqclip_cli.inference.engine import FingerprintMismatchError, merge_outputs
+    from masqclip_cli.inference.engine import FingerprintMismatchError, incomplete_shards, merge_outputs
     from masqclip_cli.vocab import Vocabulary
 
+    problems = incomplete_shards(shards)
+    for line in problems:
+        err.print(f"{'warning' if allow_partial else 'error'}: {line}", highlight=False, soft_wrap=True)
+    if problems and not allow_partial:
+        raise fail(f"{len(problems)} of {len(shards)} shards are incomplete: complete them, or merge with "
+                   "--allow-partial")
     try:
         fingerprint = json.loads((shards[0] / ".masqclip" / "run.json").read_text())
         vocabulary = Vocabulary.from_json(fingerprint["vocabulary"], source=f"{shards[0]}/.masqclip/run.json")
@@ -654,7 +725,7 @@ def eval_command(
     from masqclip_cli.evaluation.runner import EvalError, EvalOptions, evaluate, report_protocol, write_report
     from masqclip_cli.inference.postprocess import PostprocessConfig
     from masqclip_cli.inference.predictor import postprocess_config
-    from masqclip_cli.modeling.factory import DEFAULT_MODEL, resolve_device
+    from masqclip_cli.modeling.factory import DEFAULT_MODEL
     from masqclip_cli.vocab import VocabularyError, read_templates
 
     overrides = {k: v for k, v in {"images": images, "labels": labels, "panoptic_json": panoptic_json,
@@ -671,7 +742,9 @@ def eval_command(
                   "instance_keep_stuff": instance_keep_stuff}
     net = None
     model_name = None
-    picked = resolve_device(device)
+    _check_numbers(object_threshold=object_threshold, overlap_threshold=overlap_threshold, topk=topk,
+                   short_side=short_side, max_size=max_size)
+    picked = _check_device(device)
     if predictions is None:
         import torch
 
@@ -750,11 +823,11 @@ def _eval_tracking(dataset: str, root: Path | None, model: str | None, predictio
             import torch
 
             from masqclip_cli.inference.tracking import TrackerConfig
-            from masqclip_cli.modeling.factory import load_model, model_identity, resolve_device
+            from masqclip_cli.modeling.factory import load_model, model_identity
 
             if threads:
                 torch.set_num_threads(threads)
-            net = load_model(model, device=resolve_device(device))
+            net = load_model(model, device=_check_device(device))
             with tempfile.TemporaryDirectory() as scratch:
                 result = evaluate_video_model(root, net, None, track_mode, work or Path(scratch),
                                               tracker_config=TrackerConfig(max_gap=track_max_gap),

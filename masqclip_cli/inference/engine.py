@@ -20,6 +20,7 @@ nothing. A different fingerprint is refused unless ``overwrite``. Sharding: item
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -73,6 +74,8 @@ __all__ = [
 ]
 
 STATE_DIR = ".masqclip"
+#: Written at the end of a run that finished (not interrupted, no I/O failure): what `merge` checks a shard by.
+COMPLETE_FILE = "complete.json"
 
 
 class FingerprintMismatchError(RuntimeError):
@@ -139,6 +142,10 @@ class RunSummary:
     seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "model": 0.0, "postprocess": 0.0,
                                                                "write": 0.0})
     written: list[Path] = field(default_factory=list)
+    #: The I/O failure that stopped the run (no space, read-only, no permission), as one line; None when none.
+    fatal: str | None = None
+    #: Formats whose run-level files could not be assembled (an I/O failure or Ctrl-C during assembly).
+    unassembled: list[str] = field(default_factory=list)
 
     @property
     def items_per_s(self) -> float:
@@ -148,7 +155,19 @@ class RunSummary:
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.fatal is not None:
+            return 1 if self.done else 2
         return 1 if (self.failed or self.skipped) else 0
+
+
+#: errno values that stop a run: no item can be written after them (no space, quota, read-only, no permission).
+FATAL_IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def io_failure(exc: OSError) -> str:
+    """One line for an I/O failure: the path and the cause."""
+    where = exc.filename if exc.filename is not None else "the output folder"
+    return f"cannot write {where}: {exc.strerror or exc}"
 
 
 def resolve_shard(spec: str | None, environ: dict[str, str] | None = None) -> tuple[int, int]:
@@ -165,8 +184,10 @@ def resolve_shard(spec: str | None, environ: dict[str, str] | None = None) -> tu
         index, count = (int(x) for x in spec.split("/"))
     except ValueError:
         raise ValueError(f"expected i/n (e.g. 0/4), got '{spec}'") from None
+    if count < 1:
+        raise ValueError(f"expected i/n with n >= 1 shards, got '{spec}'")
     if not 0 <= index < count:
-        raise ValueError(f"index {index} is not in 0..{count - 1}")
+        raise ValueError(f"index {index} is not in 0..{count - 1} (expected i/n with 0 <= i < n)")
     return index, count
 
 
@@ -360,11 +381,16 @@ def segment(
                                          **options.writer_options)
     predictor = Predictor.for_encoded(model, vocab, options.postprocess, options.short_side, options.max_size)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out_dir)  # left by a killed run
-        fingerprint = run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision,
-                                      tracks=options.tracks(source))
-        _check_fingerprint(out_dir, fingerprint, options.overwrite)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(out_dir)  # left by a killed run
+            fingerprint = run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision,
+                                          tracks=options.tracks(source))
+            _check_fingerprint(out_dir, fingerprint, options.overwrite)
+        except OSError as exc:
+            summary.fatal = io_failure(exc)
+            summary.wall_s = time.perf_counter() - t_start
+            return summary
 
     # list the items (paths only, never decoded images), keep this shard's, split off the finished ones
     tracks = options.tracks(source)
@@ -421,6 +447,13 @@ def segment(
     finished.clear()
     total = len(listed)
     finished = summary.reused
+    if todo and out_dir is not None:  # work to do: the folder is not complete until this run finishes
+        try:
+            (out_dir / STATE_DIR / COMPLETE_FILE).unlink(missing_ok=True)
+        except OSError as exc:
+            summary.fatal = io_failure(exc)
+            summary.wall_s = time.perf_counter() - t_start
+            return summary
 
     # Ctrl-C: finish the batch in flight, assemble what is done, exit 130; a second Ctrl-C stops at once
     stop = threading.Event()
@@ -462,6 +495,8 @@ def segment(
                     if on_item:
                         on_item(item_id, finished, total)
                 batch = []
+            if summary.fatal is not None:
+                break
             if stop.is_set():
                 summary.interrupted = True
                 break
@@ -482,9 +517,24 @@ def segment(
             writer.track_classes = tracking.track_classes()
     if out_dir is not None:
         t0 = time.perf_counter()
-        for writer in writers:
-            summary.written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))
+        for k, writer in enumerate(writers):
+            try:
+                summary.written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))
+            except OSError as exc:  # each file is atomic: what was there before stays whole
+                summary.fatal = summary.fatal or io_failure(exc)
+                summary.unassembled.append(writer.name)
+            except KeyboardInterrupt:  # Ctrl-C during assembly: say what was not assembled
+                summary.interrupted = True
+                summary.unassembled += [w.name for w in writers[k:]]
+                break
         summary.seconds["write"] += time.perf_counter() - t0
+        if not (summary.interrupted or summary.fatal or summary.unassembled):
+            complete = {"listed": total, "recorded": len(infos), "skipped": len(summary.skipped),
+                        "failed": len(summary.failed)}
+            try:
+                atomic_write_text(out_dir / STATE_DIR / COMPLETE_FILE, json.dumps(complete) + "\n")
+            except OSError as exc:
+                summary.fatal = io_failure(exc)
     else:
         for writer in writers:
             writer.finalize([])
@@ -541,6 +591,12 @@ def _run_batch(predictor: Predictor, batch: list[tuple[SourceItem, np.ndarray, t
             summary.seconds["write"] += time.perf_counter() - t2
             summary.done += 1
             yield item.id, record
+        except OSError as exc:
+            if exc.errno in FATAL_IO_ERRNOS:  # no later item could be written either: stop the run
+                summary.fatal = summary.fatal or io_failure(exc)
+            else:
+                summary.failed.append((item.id, f"{item.id}: {type(exc).__name__}: {exc}".splitlines()[0]))
+            yield item.id, None
         except Exception as exc:  # noqa: BLE001 - one bad item is reported, never kills the run
             summary.failed.append((item.id, f"{item.id}: {type(exc).__name__}: {exc}".splitlines()[0]))
             yield item.id, None
@@ -554,6 +610,24 @@ def writer_view(seg: Segmentation, vocab: Vocabulary, controls: Preannotation,
         seg = label_map.apply(seg, vocab)
         vocab = label_map.mapped_vocabulary(vocab).vocab
     return controls.apply(seg, vocab)
+
+
+def incomplete_shards(shard_dirs: Sequence[Path]) -> list[str]:
+    """One line per shard folder whose run did not finish (no complete marker, or fewer records than it kept)."""
+    problems = []
+    for d in shard_dirs:
+        items = d / STATE_DIR / "items"
+        recorded = sum(1 for _ in items.rglob("*.json")) if items.is_dir() else 0
+        try:
+            complete = json.loads((d / STATE_DIR / COMPLETE_FILE).read_text())
+        except (OSError, ValueError):
+            problems.append(f"{d}: its run did not finish (killed or interrupted; {recorded} items recorded): run the "
+                            "same segment command on it again to complete it")
+            continue
+        if recorded < int(complete.get("recorded", 0)):
+            problems.append(f"{d}: {int(complete['recorded']) - recorded} of {complete['recorded']} item records "
+                            "are missing")
+    return problems
 
 
 def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, formats: tuple[str, ...],
@@ -616,4 +690,13 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
     written = []
     for writer in writers:
         written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))
+    marker = {"listed": 0, "recorded": len(infos), "skipped": 0, "failed": 0}  # as one run over all shards' items
+    for d in shard_dirs:
+        try:
+            shard_marker = json.loads((d / STATE_DIR / COMPLETE_FILE).read_text())
+        except (OSError, ValueError):  # a partial shard (merge --allow-partial): its records are what it has
+            shard_marker = {"listed": sum(1 for _ in (d / STATE_DIR / "items").rglob("*.json"))}
+        for key in ("listed", "skipped", "failed"):
+            marker[key] += int(shard_marker.get(key, 0))
+    atomic_write_text(out_dir / STATE_DIR / COMPLETE_FILE, json.dumps(marker) + "\n")
     return written

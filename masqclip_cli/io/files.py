@@ -5,6 +5,7 @@ encoding. A reader (or a resumed run) never sees a half-written file.
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import json
@@ -153,6 +154,20 @@ def _replace(tmp: Path, path: Path) -> Path:
     return path
 
 
+#: errno values of "this folder cannot be written": a complete output there is still fine to re-check.
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _same_stream(chunks: Iterable[str | bytes], path: Path) -> bool:
+    """Whether the bytes of ``chunks`` (text as UTF-8) are exactly the file at ``path``, read alongside."""
+    with open(path, "rb") as f:
+        for chunk in chunks:
+            data = chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
+            if f.read(len(data)) != data:
+                return False
+        return f.read(1) == b""
+
+
 def _same_file_contents(a: Path, b: Path) -> bool:
     try:
         if a.stat().st_size != b.stat().st_size:
@@ -175,7 +190,14 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | byt
     then left untouched. On any error the temporary file is removed and ``path`` is left as it was. Memory use is one
     chunk (plus a 1 MiB write buffer), whatever the total."""
     path = Path(path)
-    tmp, f = _open_temp(path)
+    try:
+        tmp, f = _open_temp(path)
+    except OSError as exc:
+        # A folder we may not write to (read-only, no permission): fine when the file already holds these bytes
+        # (a re-run over a complete output writes nothing); chunks is then consumed once, to compare.
+        if compare and exc.errno in _READ_ONLY_ERRNOS and path.is_file() and _same_stream(chunks, path):
+            return path
+        raise
     try:
         with f:
             buffer: list[bytes] = []
@@ -190,6 +212,11 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[str | byt
             f.write(b"".join(buffer))
             f.flush()
             os.fsync(f.fileno())
+    except OSError as exc:
+        _remove_quietly(tmp)
+        if exc.filename is None and exc.errno is not None:  # a failed write (no space): name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         _remove_quietly(tmp)
         raise
