@@ -350,6 +350,18 @@ def _label_map(path: Path | None) -> Any:
         raise fail(str(exc)) from None
 
 
+def _check_labels_ids(formats: tuple[str, ...], label_map: Any, vocabulary: Any) -> None:
+    """Exit 2 before the model runs when the labels format cannot hold the (mapped) vocabulary's ids."""
+    from masqclip_cli.io.writers.labels import check_labels_vocabulary
+
+    if "labels" in formats:
+        writer_vocab = vocabulary if label_map is None else label_map.mapped_vocabulary(vocabulary).vocab
+        try:
+            check_labels_vocabulary(writer_vocab)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+
+
 def _warn_no_things(vocabulary: Any, tasks: tuple[str, ...], keep_stuff: bool) -> None:
     """Say why --task instance would find nothing: a vocabulary of stuff classes only."""
     if "instance" in tasks and not keep_stuff and len(vocabulary) and not any(vocabulary.isthing):
@@ -419,6 +431,9 @@ def segment_command(
     every: int = typer.Option(1, min=1, help="Video: take every N-th frame."),
     start: float | None = typer.Option(None, help="Video: start time in seconds."),
     end: float | None = typer.Option(None, help="Video: end time in seconds."),
+    max_pixels: int = typer.Option(64_000_000, min=0, help="Skip images larger than this many pixels (width x "
+                                   "height), checked from the header before decoding; 0: no budget. A run peaks "
+                                   "at about 5.5 GiB at the default 64 megapixels."),
     track: bool | None = typer.Option(None, "--track/--no-track", help="Give each object one id across the frames "
                                       "of a video (default: on for video sources)."),
     sequence: bool = typer.Option(False, "--sequence", help="Track across the images too: every image of the run "
@@ -452,6 +467,7 @@ def segment_command(
     from masqclip_cli.inference.preprocess import test_size_of
     from masqclip_cli.inference.tracking import TrackerConfig
     from masqclip_cli.inference.video_tracks import TrackingOptions
+    from masqclip_cli.io.run_lock import RunLockedError
     from masqclip_cli.io.sources import SourceError
     from masqclip_cli.io.writers import WRITERS, default_formats, missing_tasks
     from masqclip_cli.modeling.checkpoint import ModelFileError
@@ -487,6 +503,7 @@ def segment_command(
         raise fail(str(exc)) from None
     if vocabulary is not None:
         _check_label_map(label_map, vocabulary)  # before the model loads
+        _check_labels_ids(formats, label_map, vocabulary)
         _warn_no_things(vocabulary, tasks, instance_keep_stuff)
 
     import torch
@@ -507,6 +524,7 @@ def segment_command(
             raise fail(f"model '{model}' stores no vocabulary: give one with --vocab")
         vocabulary = net.vocabulary
         _check_label_map(label_map, vocabulary)
+        _check_labels_ids(formats, label_map, vocabulary)
         _warn_no_things(vocabulary, tasks, instance_keep_stuff)
     else:
         try:
@@ -525,6 +543,7 @@ def segment_command(
         writer_options=writer_options | ({"stream": sys.stdout} if out is None else {}),
         preannotation=controls,
         label_map=label_map,
+        max_pixels=max_pixels or None,
         tracking=TrackingOptions(track=track, sequence=sequence,
                                  config=TrackerConfig(max_gap=track_max_gap, use_embeddings=track_embeddings)),
     )
@@ -544,7 +563,7 @@ def segment_command(
         with progress:
             summary = segment(net, vocabulary, source, out, options, model_id, templates=template_list,
                               precision=precision, on_item=on_item, stdin=sys.stdin)
-    except (FingerprintMismatchError, SourceError) as exc:
+    except (FingerprintMismatchError, SourceError, RunLockedError) as exc:
         raise fail(str(exc).replace("overwrite=True replaces them; or use another output folder",
                                     "use --overwrite to replace them, or another --out")) from None
     _print_summary(summary)
@@ -606,6 +625,7 @@ def export_command(
     from masqclip_cli.inference.engine import FingerprintMismatchError
     from masqclip_cli.inference.export import export_run
     from masqclip_cli.inference.label_map import LabelMapError
+    from masqclip_cli.io.run_lock import RunLockedError
     from masqclip_cli.io.writers import WRITERS
 
     formats = _split_list(fmt, "format", tuple(WRITERS))
@@ -616,7 +636,7 @@ def export_command(
     try:
         summary = export_run(run, out, formats, writer_options=options, preannotation=controls, label_map=label_map,
                              overwrite=overwrite)
-    except LabelMapError as exc:
+    except (LabelMapError, RunLockedError) as exc:
         raise fail(str(exc)) from None
     except FingerprintMismatchError as exc:
         raise fail(str(exc).replace("overwrite=True replaces them; or use another output folder",
@@ -639,6 +659,7 @@ def merge_command(
 ) -> None:
     """Join the outputs of `segment --shard i/n` runs into one set, equal to a single run's."""
     from masqclip_cli.inference.engine import FingerprintMismatchError, incomplete_shards, merge_outputs
+    from masqclip_cli.io.run_lock import RunLockedError
     from masqclip_cli.vocab import Vocabulary
 
     problems = incomplete_shards(shards)
@@ -654,7 +675,7 @@ def merge_command(
                                 fingerprint.get("writer_options") or {})
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise fail(f"{shards[0]}: not a masqclip segment output ({exc})") from None
-    except FingerprintMismatchError as exc:
+    except (FingerprintMismatchError, RunLockedError) as exc:
         raise fail(str(exc)) from None
     err.print(f"merged {len(shards)} shards into {out} ({len(written)} run-level files)", highlight=False)
 

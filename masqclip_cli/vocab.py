@@ -54,6 +54,9 @@ __all__ = [
     "parse_inline",
     "parse_text",
     "read_templates",
+    "short_name",
+    "FIRST_PALETTE_SIZE",
+    "LATER_PALETTE_SIZE",
 ]
 
 #: Directory holding the preset data files. A module attribute so that tests can monkeypatch it;
@@ -74,6 +77,7 @@ PRESET_NAMES: tuple[str, ...] = (
 
 _VILD_TEMPLATES_FILE = "templates-vild.txt"
 _PATH_SUFFIXES = (".txt", ".json", ".csv", ".vocab")
+_PATH_LIMIT = 200  # characters of a (missing) path quoted in a message
 _MARKER_RE = re.compile(r"\[([^\[\]]*)\]\s*$")
 
 
@@ -162,7 +166,7 @@ def _check_color(value: Any) -> str | None:
         or len(value) != 3
         or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
     ):
-        return f"bad color {value!r} (need 3 integers 0-255)"
+        return f"bad color {_quoted(value)} (need 3 integers 0-255)"
     return None
 
 
@@ -183,18 +187,18 @@ def _validate_classes(
         if not isinstance(cls.name, str) or not cls.name.strip():
             raise _located("empty class name", source, line, where)
         if not all(isinstance(s, str) and s.strip() for s in cls.synonyms):
-            raise _located(f"class '{cls.name}': empty or non-string synonym", source, line, where)
+            raise _located(f"class '{short_name(cls.name)}': empty or non-string synonym", source, line, where)
         if not cls.prompts:
-            raise _located(f"class '{cls.name}' has no names to encode", source, line, where)
+            raise _located(f"class '{short_name(cls.name)}' has no names to encode", source, line, where)
         if cls.color is not None and (problem := _check_color(cls.color)):
             raise _located(problem, source, line, where)
         if cls.id is not None and (not isinstance(cls.id, int) or isinstance(cls.id, bool) or cls.id < 0):
-            raise _located(f"bad id {cls.id!r} (need a non-negative integer)", source, line, where)
+            raise _located(f"bad id {_quoted(cls.id)} (need a non-negative integer)", source, line, where)
         key = _class_key(cls)
         if key in seen:
             first = seen[key]
             first_text = f"first on {first}" if first.startswith("line") else f"first is {first}"
-            raise _located(f"duplicate class '{cls.name}' ({first_text})", source, line, where)
+            raise _located(f"duplicate class '{short_name(cls.name)}' ({first_text})", source, line, where)
         seen[key] = where
         class_id = index if cls.id is None else cls.id
         if class_id in seen_ids:
@@ -202,28 +206,141 @@ def _validate_classes(
         seen_ids[class_id] = where
 
 
-@functools.lru_cache(maxsize=8)
-def _palette(n: int) -> tuple[tuple[int, int, int], ...]:
-    """``n`` distinct, well-spread colours, the same on every run.
+_GOLDEN = 0.6180339887498949
 
-    Hues step by the golden ratio (neighbouring classes get very different hues) and saturation /
-    value cycle through three levels; colours are bright enough never to be black. A colour that
-    rounds to one already produced is skipped, so all ``n`` are distinct.
+#: (saturation, value) levels of the first palette colours; hues step by the golden ratio.
+_FIRST_LEVELS = ((0.85, 0.95), (0.55, 0.80), (0.95, 0.65))
+
+#: How many distinct colours the first scheme has: at a fixed (saturation, value) every rounded colour has the same
+#: largest and smallest component, so each level is one "ring" of colours (``(max, min)`` = (242, 36), (204, 92),
+#: (166, 8): 6 * (max - min) colours each, 1,236 + 672 + 948).
+FIRST_PALETTE_SIZE = 2856
+
+#: The first scheme finds its last new colour at step 17,382; this cap only guarantees that the loop ends.
+_FIRST_PALETTE_MAX_STEPS = 50_000
+
+#: The ``(largest, smallest)`` components of the first scheme's colours (one pair per level), which the later colours
+#: never have: so no later colour equals a first one.
+_FIRST_RINGS = frozenset({(242, 36), (204, 92), (166, 8)})
+
+#: Later colours have a largest component of at least this (never dark) ...
+_LATER_MIN_BRIGHTNESS = 128
+#: ... and a largest minus smallest component of at least this (never grey).
+_LATER_MIN_CHROMA = 64
+
+
+def short_name(name: str, limit: int = 60) -> str:
+    """``name`` on one line (whitespace runs collapsed) and at most ``limit`` characters: a longer name keeps its
+    start and ends with ``...``. For quoting user-given names and values in one-line messages."""
+    text = " ".join(str(name).split())
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 3, 1)].rstrip() + "..."
+
+
+def _quoted(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, at most about ``limit`` characters: a long string is cut inside its quotes
+    (``'abc'...``), any other long value like :func:`short_name`."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if not isinstance(value, str):
+        return short_name(text, limit)
+    head = value[: max(limit - 5, 1)]
+    while len(head) > 1 and len(repr(head)) > limit - 3:  # escapes (\x00, \n) make a repr longer than its string
+        head = head[:-1]
+    return repr(head) + "..."
+
+
+def _first_palette(n: int) -> list[tuple[int, int, int]]:
+    """The first ``min(n, FIRST_PALETTE_SIZE)`` palette colours (the original scheme, unchanged).
+
+    Hues step by the golden ratio (neighbouring classes get very different hues) and saturation / value cycle through
+    three levels; colours are bright enough never to be black. A colour that rounds to one already produced is
+    skipped, so all are distinct.
     """
-    golden = 0.6180339887498949
-    levels = ((0.85, 0.95), (0.55, 0.80), (0.95, 0.65))
+    wanted = min(n, FIRST_PALETTE_SIZE)
     out: list[tuple[int, int, int]] = []
     seen: set[tuple[int, int, int]] = set()
     i = 0
-    while len(out) < n:
-        s, v = levels[i % len(levels)]
-        r, g, b = colorsys.hsv_to_rgb((i * golden) % 1.0, s, v)
+    while len(out) < wanted and i < _FIRST_PALETTE_MAX_STEPS:
+        s, v = _FIRST_LEVELS[i % len(_FIRST_LEVELS)]
+        r, g, b = colorsys.hsv_to_rgb((i * _GOLDEN) % 1.0, s, v)
         color = (round(r * 255), round(g * 255), round(b * 255))
         if color not in seen:
             seen.add(color)
             out.append(color)
         i += 1
-    return tuple(out)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _lattice_tables() -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Per byte of a 24-bit candidate number (low, middle, high), the packed ``0xRRGGBB`` bits it sets.
+
+    Bit ``i`` of the candidate number goes to channel ``i mod 3`` (red, green, blue) at bit ``7 - i div 3``: the low
+    bits of the number are the high bits of the channels (see :func:`_later_palette`).
+    """
+    tables = []
+    for byte_index in range(3):
+        table = []
+        for byte in range(256):
+            packed = 0
+            for bit in range(8):
+                if byte >> bit & 1:
+                    i = 8 * byte_index + bit
+                    packed |= 1 << (8 * (2 - i % 3) + 7 - i // 3)
+            table.append(packed)
+        tables.append(tuple(table))
+    return tables[0], tables[1], tables[2]
+
+
+#: How many colours :func:`_later_palette` gives before it repeats (all 2**24 candidates minus the dark, grey and
+#: first-scheme ones), measured once: tests check it.
+LATER_PALETTE_SIZE = 13_128_792
+
+
+def _later_palette(count: int) -> Iterator[tuple[int, int, int]]:
+    """The ``count`` palette colours after the first scheme's.
+
+    Candidate ``k`` = 0, 1, 2, ... is the colour whose channels are ``255 -`` the bits of ``k`` dealt out in turn to
+    red, green and blue from the highest bit down (bit-reversed Morton order). The first 8 candidates are the corners
+    of a lattice of spacing 128 in the RGB cube, the first 64 those of spacing 64, and so on: each step of 8x more
+    classes halves the spacing (coarse to fine, over the whole cube), and consecutive candidates differ in the high
+    bit of some channel. A candidate is skipped when it is dark (largest component below 128), grey (largest minus
+    smallest below 64) or has the largest and smallest components of a first-scheme colour (at most 5 in a row are).
+    Over the whole sequence two consecutive colours differ by at least 64 in some channel (by 128 or more in all but
+    60 of the 13 million pairs). The candidates are all 2**24 colours, once each: no later colour equals another or a
+    first one until :data:`LATER_PALETTE_SIZE` of them have been given; then the sequence starts again.
+    """
+    low, middle, high = _lattice_tables()
+    first_rings = _FIRST_RINGS
+    given = 0
+    while given < count:
+        for k in range(1 << 24):
+            packed = low[k & 255] | middle[k >> 8 & 255] | high[k >> 16]
+            r, g, b = 255 - (packed >> 16), 255 - (packed >> 8 & 255), 255 - (packed & 255)
+            brightest, darkest = max(r, g, b), min(r, g, b)
+            if brightest < _LATER_MIN_BRIGHTNESS or brightest - darkest < _LATER_MIN_CHROMA:
+                continue
+            if (brightest, darkest) in first_rings:
+                continue
+            yield (r, g, b)
+            given += 1
+            if given >= count:
+                return
+
+
+@functools.lru_cache(maxsize=8)
+def _palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """``n`` well-spread colours, the same on every run; the palette of ``n`` classes is a prefix of that of more.
+
+    The first :data:`FIRST_PALETTE_SIZE` are the original golden-ratio / three-level colours (:func:`_first_palette`,
+    all distinct); the rest come from :func:`_later_palette` (distinct from those and from each other up to
+    :data:`LATER_PALETTE_SIZE` more).
+    """
+    first = _first_palette(n)
+    return (*first, *_later_palette(n - len(first)))
 
 
 class Vocabulary(collections.abc.Sequence[VocabClass]):
@@ -402,11 +519,11 @@ def _class_from_json(item: Any, source: str, number: int) -> VocabClass:
     elif isinstance(isthing_raw, int) and isthing_raw in (0, 1):
         isthing = bool(isthing_raw)
     else:
-        raise fail(f"'isthing' must be true/false or 0/1, got {isthing_raw!r}")
+        raise fail(f"'isthing' must be true/false or 0/1, got {_quoted(isthing_raw)}")
 
     class_id = item.get("id")
     if class_id is not None and (not isinstance(class_id, int) or isinstance(class_id, bool)):
-        raise fail(f"'id' must be an integer, got {_json_type(class_id)} {class_id!r}")
+        raise fail(f"'id' must be an integer, got {_json_type(class_id)} {_quoted(class_id)}")
     if class_id is not None and class_id < 0:
         raise fail(f"'id' must be non-negative, got {class_id}")
 
@@ -418,14 +535,14 @@ def _class_from_json(item: Any, source: str, number: int) -> VocabClass:
 
     encode_name = item.get("encode_name", True)
     if not isinstance(encode_name, bool):
-        raise fail(f"'encode_name' must be true or false, got {encode_name!r}")
+        raise fail(f"'encode_name' must be true or false, got {_quoted(encode_name)}")
     if not encode_name and not synonyms:
         raise fail("'encode_name' is false but there are no 'synonyms' to encode")
 
     min_score = item.get("min_score")
     if min_score is not None:
         if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 1:
-            raise fail(f"'min_score' must be a number in [0, 1], got {min_score!r}")
+            raise fail(f"'min_score' must be a number in [0, 1], got {_quoted(min_score)}")
         min_score = float(min_score)
     supercategory = item.get("supercategory")
     if supercategory is not None and not isinstance(supercategory, str):
@@ -456,13 +573,15 @@ def _parse_class(spec: str) -> VocabClass | None:
     if match:
         marker = match.group(1).strip().lower()
         if marker not in ("thing", "stuff"):
-            raise _ClassSyntaxError(f"unknown marker '[{match.group(1)}]' (use [thing] or [stuff])")
+            raise _ClassSyntaxError(f"unknown marker '[{short_name(match.group(1))}]' (use [thing] or [stuff])")
         isthing = marker == "thing"
         text = text[: match.start()].strip()
         if _MARKER_RE.search(text):
             raise _ClassSyntaxError("more than one [thing]/[stuff] marker")
     if "[" in text or "]" in text:
-        raise _ClassSyntaxError(f"unexpected '[' or ']' in {text!r} (a [thing] or [stuff] marker goes at the end)")
+        raise _ClassSyntaxError(
+            f"unexpected '[' or ']' in {_quoted(text)} (a [thing] or [stuff] marker goes at the end)"
+        )
     if not text:
         raise _ClassSyntaxError("empty class name (only a marker)")
 
@@ -473,15 +592,15 @@ def _parse_class(spec: str) -> VocabClass | None:
         if not label:
             raise _ClassSyntaxError("empty display label before ':'")
         if not rest.strip():
-            raise _ClassSyntaxError(f"label '{label}:' has no names after the ':'")
+            raise _ClassSyntaxError(f"label '{short_name(label)}:' has no names after the ':'")
         names = [_collapse(n) for n in rest.split(",")]
         if not all(names):
-            raise _ClassSyntaxError(f"empty name in {text!r} (doubled or trailing comma?)")
+            raise _ClassSyntaxError(f"empty name in {_quoted(text)} (doubled or trailing comma?)")
         return VocabClass(label, tuple(names), isthing, encode_name=False)
 
     names = [_collapse(n) for n in text.split(",")]
     if not all(names):
-        raise _ClassSyntaxError(f"empty name in {text!r} (doubled or trailing comma?)")
+        raise _ClassSyntaxError(f"empty name in {_quoted(text)} (doubled or trailing comma?)")
     return VocabClass(names[0], tuple(names[1:]), isthing)
 
 
@@ -560,6 +679,10 @@ def load_file(path: str | Path) -> Vocabulary:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise VocabularyError(f"invalid JSON: {e.msg} (column {e.colno})", source, e.lineno) from None
+        except RecursionError:
+            raise VocabularyError("invalid JSON: nested too deeply", source) from None
+        except ValueError as e:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+            raise VocabularyError(f"invalid JSON: {short_name(str(e), 120)}", source) from None
         return Vocabulary.from_json(obj, source)
     return parse_text(text, source)
 
@@ -574,7 +697,8 @@ def _read_preset_column(path: Path, count: int, parse: Callable[[str], Any], wha
         try:
             values.append(parse(raw))
         except ValueError as e:
-            raise VocabularyError(f"bad {what} {raw.strip()!r}: {e}", str(path), number) from None
+            problem = f"bad {what} {_quoted(raw.strip())}: {short_name(str(e))}"
+            raise VocabularyError(problem, str(path), number) from None
     if len(values) != count:
         raise VocabularyError(f"{len(values)} {what}s for {count} classes", str(path))
     return values
@@ -598,7 +722,7 @@ def _parse_color(raw: str) -> tuple[int, int, int]:
 
 
 def _unknown_preset(name: str) -> VocabularyError:
-    return VocabularyError(f"unknown preset '{name}'; known presets: {', '.join(PRESET_NAMES)}")
+    return VocabularyError(f"unknown preset '{short_name(name)}'; known presets: {', '.join(PRESET_NAMES)}")
 
 
 def load_preset(name: str) -> Vocabulary:
@@ -697,7 +821,7 @@ def load_vocabulary(spec: str | Path) -> Vocabulary:
     """
     if isinstance(spec, Path):
         if not _exists(spec):
-            raise VocabularyError("no such vocabulary file", str(spec))
+            raise VocabularyError("no such vocabulary file", short_name(str(spec), _PATH_LIMIT))
         return load_file(spec)
     if not isinstance(spec, str):
         raise TypeError(f"vocabulary spec must be str or Path, got {type(spec).__name__}")
@@ -714,7 +838,7 @@ def load_vocabulary(spec: str | Path) -> Vocabulary:
         return load_preset(stripped.lower())
     if ";" not in stripped:
         if _looks_like_path(stripped):
-            raise VocabularyError("no such vocabulary file", stripped)
+            raise VocabularyError("no such vocabulary file", short_name(stripped, _PATH_LIMIT))
         if difflib.get_close_matches(stripped.lower(), PRESET_NAMES, n=1, cutoff=0.75):
             raise VocabularyError(
                 f"unknown preset '{stripped}'; known presets: {', '.join(PRESET_NAMES)} "
@@ -735,11 +859,13 @@ def _parse_templates(text: str, source: str) -> list[str]:
         placeholders = template.count("{}")
         if placeholders != 1:
             raise VocabularyError(
-                f"template {template!r} has {placeholders} '{{}}' placeholders (need exactly one)", source, number
+                f"template {_quoted(template)} has {placeholders} '{{}}' placeholders (need exactly one)",
+                source,
+                number,
             )
         if "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
             raise VocabularyError(
-                f"template {template!r} has a stray '{{' or '}}' (only one '{{}}' placeholder is allowed)",
+                f"template {_quoted(template)} has a stray '{{' or '}}' (only one '{{}}' placeholder is allowed)",
                 source,
                 number,
             )

@@ -45,7 +45,9 @@ from masqclip_cli.inference.preprocess import prepare_image
 from masqclip_cli.inference.tracking import TrackerConfig
 from masqclip_cli.inference.video_tracks import SequenceTracking, TrackingOptions, sequence_name
 from masqclip_cli.io.files import atomic_write_text, dumps_json, remove_stale_temp_files
+from masqclip_cli.io.run_lock import RunLock
 from masqclip_cli.io.sources import (
+    DEFAULT_MAX_PIXELS,
     SkipItem,
     SkippedItem,
     SourceItem,
@@ -103,6 +105,8 @@ class RunOptions:
     preannotation: Preannotation = field(default_factory=Preannotation)
     label_map: LabelMap | None = None
     tracking: TrackingOptions = field(default_factory=TrackingOptions)
+    #: Pixel budget: images larger than this (width x height) are skipped from their header (None: no budget).
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def tracks(self, source: str) -> bool:
         """Whether a run over ``source`` tracks: ``--sequence``, ``--track``, or (by default) a video source."""
@@ -318,7 +322,7 @@ class _Decoder:
     def frame(self, item: SourceItem) -> np.ndarray:
         if self._video is None or self._video[0] != item.path:
             self._video = (item.path, iter_video_frames(item.path, self.options.every, self.options.start,
-                                                        self.options.end))
+                                                        self.options.end, max_pixels=self.options.max_pixels))
         for frame_item, rgb in self._video[1]:
             if frame_item.frame == item.frame:
                 return rgb
@@ -327,15 +331,119 @@ class _Decoder:
         raise SkipItem(f"{item.id}: frame could not be read")
 
     def __call__(self, item: SourceItem) -> np.ndarray:
-        return self.frame(item) if item.frame is not None else decode_item(item).rgb
+        if item.frame is not None:
+            return self.frame(item)
+        return decode_item(item, max_pixels=self.options.max_pixels).rgb
 
 
-def _producer(items: Iterable[SourceItem], options: RunOptions, out: queue.Queue, stop: threading.Event) -> None:
+class _InFlight:
+    """What a run is working on, logged as it goes (``.masqclip/inflight.log``: ``decode`` / ``decoded`` /
+    ``model`` / ``done`` lines), so that an item that kills the whole process (out of memory, a crashing decoder)
+    can be told apart on the next run: an item the log shows in decoding or in the model when the process died
+    counts one crash (``.masqclip/crashed.json``). An item with one crash is tried again, alone; after a second one
+    it is skipped with the reason (delete ``crashed.json`` to try it again). A run killed by hand therefore resumes
+    to the same outputs, while an item that crashes every time costs two runs, not every resume."""
+
+    LOG = "inflight.log"
+    CRASHED = "crashed.json"
+
+    def __init__(self, out_dir: Path | None, read_only: bool) -> None:
+        self._file = None
+        self._lock = threading.Lock()
+        self._writable = False
+        self._dirty = False
+        self.crashed: dict[str, int] = {}
+        if out_dir is None:
+            return
+        state = out_dir / STATE_DIR
+        self._crashed_path = state / self.CRASHED
+        try:
+            self.crashed = {str(k): int(v) for k, v in json.loads(self._crashed_path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            self.crashed = {}
+        before = dict(self.crashed)
+        for item_id in self._in_flight(state / self.LOG):  # the previous run died with these in hand
+            self.crashed[item_id] = self.crashed.get(item_id, 0) + 1
+        self._dirty = self.crashed != before
+        self._log_path = state / self.LOG
+        if not read_only and self._dirty:
+            atomic_write_text(self._crashed_path, dumps_json(dict(sorted(self.crashed.items()))) + "\n")
+            self._dirty = False
+        self._writable = not read_only
+
+    def open(self) -> None:
+        """Start this run's log (only when there is work: a run that computes nothing writes nothing)."""
+        if self._writable and self._file is None:
+            self._file = open(self._log_path, "w", encoding="utf-8")  # noqa: SIM115 - held for the run
+
+    @staticmethod
+    def _in_flight(log: Path) -> list[str]:
+        try:
+            lines = log.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        decoding: set[str] = set()
+        in_model: set[str] = set()
+        for line in lines:
+            kind, _, raw = line.partition(" ")
+            try:
+                item_id = json.loads(raw)
+            except ValueError:  # a line cut short by the crash
+                continue
+            if kind == "decode":
+                decoding.add(item_id)
+            elif kind == "decoded":
+                decoding.discard(item_id)
+            elif kind == "model":
+                in_model.add(item_id)
+            elif kind == "done":
+                decoding.discard(item_id)
+                in_model.discard(item_id)
+        return sorted(decoding | in_model)
+
+    def skip_reason(self, item_id: str) -> str | None:
+        if self.crashed.get(item_id, 0) >= 2:
+            return (f"{item_id}: the process died twice while working on it (out of memory, or a crash in a "
+                    f"decoder): skipped; delete {STATE_DIR}/{self.CRASHED} to try it again")
+        return None
+
+    def suspect(self, item_id: str) -> bool:
+        """Whether the item took the process down once already (it is then run alone)."""
+        return self.crashed.get(item_id, 0) >= 1
+
+    def log(self, kind: str, item_id: str) -> None:
+        if self._file is not None:
+            with self._lock:
+                self._file.write(f"{kind} {json.dumps(item_id)}\n")
+                self._file.flush()  # in the kernel's hands: survives the process being killed
+
+    def finished(self, item_id: str) -> None:
+        self.log("done", item_id)
+        if self.crashed.pop(item_id, None) is not None:
+            self._dirty = True
+
+    def close(self) -> None:
+        """End of the run (the process lived): nothing was in flight, the log goes."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._log_path.unlink(missing_ok=True)
+            if self._dirty:
+                if self.crashed:
+                    atomic_write_text(self._crashed_path, dumps_json(dict(sorted(self.crashed.items()))) + "\n")
+                else:
+                    self._crashed_path.unlink(missing_ok=True)
+
+
+def _producer(items: Iterable[SourceItem], options: RunOptions, out: queue.Queue, stop: threading.Event,
+              inflight: _InFlight | None = None) -> None:
     decode = _Decoder(options)
     for item in items:
         if stop.is_set():
             break
         start = time.perf_counter()
+        if inflight is not None:
+            inflight.log("decode", item.id)
         try:
             rgb = decode(item)
             tensor = prepare_image(rgb, options.short_side, options.max_size)
@@ -344,6 +452,8 @@ def _producer(items: Iterable[SourceItem], options: RunOptions, out: queue.Queue
             payload = exc
         except Exception as exc:  # noqa: BLE001 - one bad item never kills the run
             payload = SkipItem(f"{item.id}: cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
+        if inflight is not None:
+            inflight.log("decoded", item.id)
         out.put((item, payload, time.perf_counter() - start))
     out.put(None)
 
@@ -372,9 +482,31 @@ def segment(
         on_item: progress callback (item id, items finished so far, total or None).
 
     Returns:
-        A :class:`RunSummary`. Raises :class:`FingerprintMismatchError`, or ``SourceError`` for a source that
-        cannot be read at all.
+        A :class:`RunSummary` (an I/O failure is its ``fatal`` line). Raises :class:`FingerprintMismatchError`,
+        :class:`~masqclip_cli.io.run_lock.RunLockedError` when another run holds ``out_dir``, or ``SourceError``
+        for a source that cannot be read at all.
     """
+    if out_dir is None:
+        return _segment(model, vocab, source, None, options, model_id, templates, precision, on_item, stdin)
+    try:  # one run per output folder, for the whole run
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out_dir).acquire()
+    except OSError as exc:
+        summary = RunSummary()
+        summary.fatal = io_failure(exc)
+        return summary
+    try:
+        return _segment(model, vocab, source, out_dir, options, model_id, templates, precision, on_item, stdin,
+                        read_only=lock.read_only)
+    finally:
+        lock.release()
+
+
+def _segment(model: MasQCLIP, vocab: Vocabulary, source: str, out_dir: Path | None, options: RunOptions,
+             model_id: str, templates: list[str] | None, precision: str,
+             on_item: Callable[[str, int, int | None], None] | None, stdin: Any, read_only: bool = False
+             ) -> RunSummary:
+    """:func:`segment` under the folder's lock (``read_only``: the folder cannot be written: nothing is)."""
     t_start = time.perf_counter()
     summary = RunSummary()
     writers: list[Writer] = make_writers(options.formats, out_dir, options.writer_vocabulary(vocab),
@@ -383,7 +515,8 @@ def segment(
     if out_dir is not None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(out_dir)  # left by a killed run
+            if not read_only:
+                remove_stale_temp_files(out_dir)  # left by a killed run (only under the lock: never a live run's)
             fingerprint = run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision,
                                           tracks=options.tracks(source))
             _check_fingerprint(out_dir, fingerprint, options.overwrite)
@@ -399,13 +532,14 @@ def segment(
     listed: list[SourceItem] = []
     for entry in iter_items(source, recursive=options.recursive,
                             **({"extensions": options.extensions} if options.extensions else {}),
-                            every=options.every, start=options.start, end=options.end, stdin=stdin):
+                            every=options.every, start=options.start, end=options.end, stdin=stdin,
+                            max_pixels=options.max_pixels):
         sequence = (sequence_name(entry, options.tracking, sequence_label)
                     if tracks and isinstance(entry, SourceItem) else None)
         if not in_shard(entry.id if sequence is None else sequence, options.shard):  # a sequence stays in one shard
             continue
         if isinstance(entry, SkippedItem):
-            summary.skipped.append((entry.id, entry.reason))
+            summary.skipped.append((entry.id, entry.message))  # the reason, naming the file
         else:
             listed.append(entry)
     # frames of each tracked sequence, in order: (sequence, frame index) per item id
@@ -466,8 +600,15 @@ def segment(
 
         previous_handler = signal.signal(signal.SIGINT, _on_sigint)
 
+    inflight = _InFlight(out_dir, read_only)
+    crashers = [item for item in todo if inflight.skip_reason(item.id)]
+    for item in crashers:
+        summary.skipped.append((item.id, inflight.skip_reason(item.id)))
+    todo = [item for item in todo if not inflight.skip_reason(item.id)]
+    if todo:
+        inflight.open()
     decoded: queue.Queue = queue.Queue(maxsize=max(options.prefetch, options.batch_size) * 2)
-    producer = threading.Thread(target=_producer, args=(todo, options, decoded, stop), daemon=True)
+    producer = threading.Thread(target=_producer, args=(todo, options, decoded, stop, inflight), daemon=True)
     producer.start()
     try:
         batch: list[tuple[SourceItem, np.ndarray, torch.Tensor]] = []
@@ -481,19 +622,26 @@ def segment(
                 summary.seconds["decode"] += seconds
                 if isinstance(payload, SkipItem):
                     summary.skipped.append((item.id, str(payload)))
+                    inflight.finished(item.id)
                     finished += 1
                     if on_item:
                         on_item(item.id, finished, total)
                 else:
                     batch.append((item, *payload))
-            if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set()):
-                for item_id, record in _run_batch(predictor, batch, writers, out_dir, summary, options,
-                                                     tracking, frames):
-                    finished += 1
-                    if record is not None and out_dir is not None:
-                        infos[item_id] = _item_info(record)
-                    if on_item:
-                        on_item(item_id, finished, total)
+            alone = bool(batch) and inflight.suspect(batch[-1][0].id)  # it crashed the process once: run it alone
+            if batch and (len(batch) >= options.batch_size or exhausted or stop.is_set() or alone):
+                groups = [batch[:-1], batch[-1:]] if alone and len(batch) > 1 else [batch]
+                for group in groups:
+                    for queued, _, _ in group:
+                        inflight.log("model", queued.id)
+                    for item_id, record in _run_batch(predictor, group, writers, out_dir, summary, options,
+                                                      tracking, frames):
+                        inflight.finished(item_id)
+                        finished += 1
+                        if record is not None and out_dir is not None:
+                            infos[item_id] = _item_info(record)
+                        if on_item:
+                            on_item(item_id, finished, total)
                 batch = []
             if summary.fatal is not None:
                 break
@@ -507,6 +655,10 @@ def segment(
                 decoded.get_nowait()
             except queue.Empty:
                 producer.join(0.05)
+        try:
+            inflight.close()
+        except OSError as exc:
+            summary.fatal = summary.fatal or io_failure(exc)
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
@@ -655,6 +807,12 @@ def merge_outputs(shard_dirs: list[Path], out_dir: Path, vocab: Vocabulary, form
         vocab = label_map.mapped_vocabulary(vocab).vocab
     writers = make_writers(formats, out_dir, vocab, **(writer_options or {}))
     out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir):
+        return _merge_locked(shard_dirs, out_dir, writers, fingerprints)
+
+
+def _merge_locked(shard_dirs: list[Path], out_dir: Path, writers: list[Writer], fingerprints: list[dict]
+                  ) -> list[Path]:
     merged_fp = dict(fingerprints[0], shard=[0, 1])
     atomic_write_text(out_dir / STATE_DIR / "run.json", json.dumps(merged_fp, indent=1) + "\n")
     infos: dict[str, ItemInfo] = {}

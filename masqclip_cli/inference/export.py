@@ -35,6 +35,7 @@ from masqclip_cli.inference.engine import (
 from masqclip_cli.inference.label_map import LabelMap
 from masqclip_cli.inference.preannotation import Preannotation
 from masqclip_cli.io.files import atomic_write_text
+from masqclip_cli.io.run_lock import RunLock
 from masqclip_cli.io.sources import SkipItem, SourceItem
 from masqclip_cli.io.writers import make_writers, missing_tasks
 from masqclip_cli.io.writers.base import ItemInfo
@@ -110,8 +111,14 @@ def export_run(
     if label_map is not None:
         new_fp["label_map"] = label_map.to_json()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_fingerprint(out_dir, new_fp, overwrite)
+    with RunLock(out_dir):
+        _check_fingerprint(out_dir, new_fp, overwrite)
+        return _export_locked(run_dir, out_dir, vocab, writers, preannotation, label_map, on_item)
 
+
+def _export_locked(run_dir: Path, out_dir: Path, vocab: Vocabulary, writers: list, preannotation: Preannotation,
+                   label_map: LabelMap | None, on_item: Callable[[str, int, int], None] | None) -> ExportSummary:
+    """:func:`export_run` under the output folder's lock."""
     summary = ExportSummary()
     record_files = sorted((run_dir / STATE_DIR / "items").rglob("*.json"))
     decoder = _Decoder(RunOptions())

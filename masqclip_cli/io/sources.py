@@ -56,7 +56,15 @@ Decoding rules (:func:`decode_item`), all via PIL:
   files, non-images, unreadable files, dangling symlinks and folders;
 * images up to :data:`MAX_IMAGE_PIXELS` pixels (40k x 40k) decode; larger ones (decompression
   bombs) are refused, with a reason, before their pixels are decoded. PIL's own limit (and its
-  DecompressionBombWarning) is switched off only while :func:`decode_item` runs, then restored.
+  DecompressionBombWarning) is switched off only while :func:`decode_item` runs, then restored;
+* a **pixel budget** (``max_pixels``, the CLI's ``--max-pixels``; :data:`DEFAULT_MAX_PIXELS` is the
+  value the CLI uses, ``None`` means no budget beyond :data:`MAX_IMAGE_PIXELS`) is checked on the size
+  in the image header, before any pixel is decoded: an image over it is skipped with its size in the
+  reason (``a.png: 20000x20000 = 400.0 megapixels is over the pixel budget of 64.0 megapixels
+  (--max-pixels)``). The size is checked again after decoding, for the few formats whose decoded size
+  differs from the header's. For a video the stream's frame size is checked once, when it is listed
+  (:func:`iter_items`) or opened (:func:`iter_video_frames`): over the budget, the whole source is a
+  :class:`SourceError`, since every frame would be skipped.
 
 Video frames are converted from OpenCV's BGR to RGB.
 """
@@ -71,6 +79,7 @@ import re
 import stat
 import sys
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +90,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "LIST_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
@@ -107,6 +117,15 @@ LIST_EXTENSIONS: tuple[str, ...] = (".txt", ".lst")
 #: Largest image (width x height) that :func:`decode_item` decodes. A module attribute read at call
 #: time, so that tests can lower it.
 MAX_IMAGE_PIXELS: int = 40_000 * 40_000
+
+#: The pixel budget (width x height) of ``masqclip segment`` (``--max-pixels``): 64 megapixels covers
+#: 48/50-megapixel phone photos and 61-megapixel cameras (8K video frames are 33 megapixels). A run's memory
+#: grows with the image's pixels (full-resolution masks in post-processing and writing), not with its file
+#: size. Peak RSS of a whole ``segment`` run (tiny model, CPU, one image; the process alone is 1.0 GB):
+#: 8000x8000 = 64 Mpx: 5.1 GB (4.8 GiB), 5.9 GB (5.5 GiB) with every task and format; 40 Mpx: 3.4 GB, 3.9 GB
+#: with every task and format (demo model: 4.2 GB). Without a budget, 100 Mpx took 7.1 GB and a 20000x20000
+#: PNG of 1.2 MB was OOM-killed at 24 GB.
+DEFAULT_MAX_PIXELS: int = 64_000_000
 
 # Starting a video at frame >= this many seeks (CAP_PROP_POS_FRAMES) instead of grabbing from frame 0.
 _SEEK_MIN_FRAMES = 250
@@ -221,6 +240,7 @@ def iter_items(
     start: float | None = None,
     end: float | None = None,
     stdin: TextIO | None = None,
+    max_pixels: int | None = None,
 ) -> Iterator[SourceItem | SkippedItem]:
     """The items of ``spec`` (see the module doc), lazily.
 
@@ -228,9 +248,12 @@ def iter_items(
     with no match, an empty folder / list / frame range raise :class:`SourceError` here. ``every``,
     ``start`` and ``end`` apply to videos only; ``recursive`` and ``extensions`` to folders (and
     ``extensions`` to glob matches). Video frames are listed from the container's frame count (no
-    decoding); :func:`iter_video_frames` is the sequential decoder for them.
+    decoding); :func:`iter_video_frames` is the sequential decoder for them. ``max_pixels`` applies
+    to videos only (images are checked when decoded, :func:`decode_item`): a video whose frames are
+    larger is a :class:`SourceError`.
     """
     _check_frame_options(every, start, end)
+    _check_max_pixels(max_pixels)
     exts = _normalise_extensions(extensions)
     kind = spec_kind(spec)
     if kind == "stdin":
@@ -240,7 +263,7 @@ def iter_items(
     elif kind == "directory":
         gen = _list_directory(spec, recursive=recursive, exts=exts)
     elif kind == "video":
-        gen = _list_video(spec, every=every, start=start, end=end)
+        gen = _list_video(spec, every=every, start=start, end=end, max_pixels=max_pixels)
     elif kind == "list":
         gen = _iter_list_file(spec)
     elif kind == "file":
@@ -471,13 +494,16 @@ def _range_text(start: float | None, end: float | None) -> str:
     return f" between {start or 0:g} s and " + ("the end" if end is None else f"{end:g} s")
 
 
-def _list_video(spec: str, *, every: int, start: float | None, end: float | None) -> Iterator[SourceItem]:
+def _list_video(
+    spec: str, *, every: int, start: float | None, end: float | None, max_pixels: int | None
+) -> Iterator[SourceItem]:
     import cv2
 
     path = Path(os.path.expanduser(spec))
     vid = path.name  # frames are "<video file name>#<frame>"
     cap = _open_video(path, spec)
     try:
+        _check_video_budget(cap, spec, max_pixels)
         first, stop = _frame_range(cap, spec, start, end)
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         if count <= 0:  # unknown (some streams): count by grabbing, no colour conversion
@@ -499,27 +525,61 @@ def iter_video_frames(
     every: int = 1,
     start: float | None = None,
     end: float | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> Iterator[tuple[SourceItem, np.ndarray]]:
     """Decode a video's frames sequentially: ``(item, rgb)`` for every ``every``-th frame from
-    ``start`` s (inclusive) to ``end`` s (exclusive).
+    ``start`` s (inclusive) to ``end`` s (exclusive); ``rgb`` is ``(H, W, 3)`` ``uint8``.
 
     Ids match :func:`iter_items` for the same video spec. Frames not wanted are only ``grab``-bed
     (never converted). The video is opened when this is called (a :class:`SourceError` if it
-    can't be); the capture is released when the iterator finishes or is closed.
+    can't be, or if its frames are over ``max_pixels``); the capture is released when the iterator
+    finishes or is closed. When the container does not tell the frame size, the first decoded frame
+    is checked instead (a :class:`SourceError` raised by the iterator).
     """
     _check_frame_options(every, start, end)
+    _check_max_pixels(max_pixels)
     label = os.fspath(path)
     vpath = Path(os.path.expanduser(label))
     cap = _open_video(vpath, label)
     try:
+        checked = _check_video_budget(cap, label, max_pixels)
         first, stop = _frame_range(cap, label, start, end)
     except BaseException:
         cap.release()
         raise
-    return _decode_video(cap, vpath, vpath.name, every, first, stop)
+    return _decode_video(cap, vpath, vpath.name, every, first, stop, None if checked else (label, max_pixels))
 
 
-def _decode_video(cap, path: Path, vid: str, every: int, first: int, stop: int | None):
+def _video_size(cap) -> tuple[int, int] | None:
+    """The stream's (width, height) as the container tells it; None when unknown."""
+    import cv2
+
+    width, height = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
+    if not (math.isfinite(width) and math.isfinite(height)) or width <= 0 or height <= 0:
+        return None
+    return int(width), int(height)
+
+
+def _check_video_budget(cap, label: str, max_pixels: int | None) -> bool:
+    """:class:`SourceError` when the stream's frames are over ``max_pixels``. True when checked (or no
+    budget), False when the container does not tell the frame size."""
+    if max_pixels is None:
+        return True
+    size = _video_size(cap)
+    if size is None:
+        return False
+    reason = _budget_reason(size[0], size[1], max_pixels)
+    if reason is not None:
+        raise SourceError(f"{label}: video frame size {reason}")
+    return True
+
+
+def _decode_video(
+    cap, path: Path, vid: str, every: int, first: int, stop: int | None, unchecked: tuple[str, int] | None = None
+):
+    """``unchecked``: (label, max_pixels) when the budget could not be checked from the container: the
+    first decoded frame is checked instead."""
     import cv2
 
     try:
@@ -537,6 +597,11 @@ def _decode_video(cap, path: Path, vid: str, every: int, first: int, stop: int |
             if index >= first and (index - first) % every == 0:
                 ok, bgr = cap.retrieve()
                 if ok and bgr is not None:
+                    if unchecked is not None:
+                        reason = _budget_reason(bgr.shape[1], bgr.shape[0], unchecked[1])
+                        if reason is not None:
+                            raise SourceError(f"{unchecked[0]}: video frame size {reason}")
+                        unchecked = None
                     yield SourceItem(f"{vid}#{index:06d}", path, index), _bgr_to_rgb(bgr)
             index += 1
     finally:
@@ -553,7 +618,7 @@ def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
-def _decode_frame(item: SourceItem) -> DecodedImage:
+def _decode_frame(item: SourceItem, max_pixels: int | None) -> DecodedImage:
     import cv2
 
     assert item.frame is not None
@@ -563,6 +628,9 @@ def _decode_frame(item: SourceItem) -> DecodedImage:
     try:
         if not cap.isOpened():
             raise SkipItem(item.id, "cannot open video")
+        size = _video_size(cap) if max_pixels is not None else None
+        if size is not None:
+            _check_size(item.id, size[0], size[1], max_pixels)
         if item.frame > 0:
             cap.set(cv2.CAP_PROP_POS_FRAMES, item.frame)
         ok, bgr = cap.read()
@@ -570,6 +638,8 @@ def _decode_frame(item: SourceItem) -> DecodedImage:
         cap.release()
     if not ok or bgr is None:
         raise SkipItem(item.id, f"cannot read frame {item.frame}")
+    if max_pixels is not None and size is None:  # the container did not tell: check the decoded frame
+        _check_size(item.id, bgr.shape[1], bgr.shape[0], max_pixels)
     return DecodedImage(item, _bgr_to_rgb(bgr))
 
 
@@ -579,19 +649,33 @@ def _decode_frame(item: SourceItem) -> DecodedImage:
 _limit_lock = threading.Lock()
 _limit_users = 0
 _saved_limit: int | None = None
+# ignores the warnings issued by PIL's own modules (the same entry object is added and removed)
+_PIL_WARNINGS_IGNORED = ("ignore", None, Warning, re.compile(r"PIL(\.|$)"), 0)
+
+
+def _warning_filters_changed() -> None:
+    mutated = getattr(warnings, "_filters_mutated", None)  # resets the "already warned" caches
+    if mutated is not None:
+        mutated()
 
 
 @contextmanager
 def _pil_limit_off() -> Iterator[None]:
-    """Switch PIL's own MAX_IMAGE_PIXELS check off while any of our decodes runs (thread-safe,
-    reference counted), then put the previous value back. :func:`decode_item` checks sizes against
-    :data:`MAX_IMAGE_PIXELS` itself, so that a bomb is refused with a clear reason and without PIL's
-    DecompressionBombWarning for images between PIL's limit and ours."""
+    """Switch PIL's own MAX_IMAGE_PIXELS check off, and ignore the warnings PIL issues, while any of our
+    decodes runs (thread-safe, reference counted), then put the previous state back.
+
+    :func:`decode_item` checks sizes against the pixel budget and :data:`MAX_IMAGE_PIXELS` itself, so that a
+    bomb is refused with a clear reason and without PIL's DecompressionBombWarning for images between PIL's
+    limit and ours. PIL's other warnings on damaged files ("Corrupt EXIF data", "Truncated File Read", ...)
+    would print a source line on stderr for an item that either decodes (EXIF ignored) or is skipped with a
+    reason; they are ignored in that window (in every thread, PIL's modules only: a filter on the module)."""
     global _limit_users, _saved_limit
     with _limit_lock:
         if _limit_users == 0:
             _saved_limit = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
+            warnings.filters.insert(0, _PIL_WARNINGS_IGNORED)
+            _warning_filters_changed()
         _limit_users += 1
     try:
         yield
@@ -600,12 +684,24 @@ def _pil_limit_off() -> Iterator[None]:
             _limit_users -= 1
             if _limit_users == 0:
                 Image.MAX_IMAGE_PIXELS = _saved_limit
+                for index, entry in enumerate(warnings.filters):
+                    if entry is _PIL_WARNINGS_IGNORED:
+                        del warnings.filters[index]
+                        _warning_filters_changed()
+                        break
 
 
-def decode_item(item: SourceItem) -> DecodedImage:
-    """Decode one item to RGB ``uint8`` (see the module doc); :class:`SkipItem` when it can't."""
+def decode_item(item: SourceItem, *, max_pixels: int | None = None) -> DecodedImage:
+    """Decode one item to RGB ``uint8`` ``(H, W, 3)`` (see the module doc); :class:`SkipItem` when it can't.
+
+    ``max_pixels``: the pixel budget (width x height); an image over it is skipped, from its header,
+    before its pixels are decoded (a video frame: from the stream's frame size). None: no budget, only
+    :data:`MAX_IMAGE_PIXELS`. ``masqclip segment`` passes ``--max-pixels`` (:data:`DEFAULT_MAX_PIXELS`).
+    ValueError for a ``max_pixels`` that is not a whole number >= 1.
+    """
+    _check_max_pixels(max_pixels)
     if item.frame is not None:
-        return _decode_frame(item)
+        return _decode_frame(item, max_pixels)
     _check_file(item)
     limit = MAX_IMAGE_PIXELS
     with _pil_limit_off():
@@ -622,12 +718,11 @@ def decode_item(item: SourceItem) -> DecodedImage:
         except Exception as e:  # malformed headers surface as assorted errors
             raise SkipItem(item.id, f"cannot read image header: {_exc_text(e)}") from None
         with im:
-            width, height = im.size
-            if width * height > limit:
-                raise SkipItem(item.id, f"image too large ({width}x{height} pixels, limit {limit})")
+            width, height = im.size  # from the header: nothing is decoded yet
+            _check_size(item.id, width, height, max_pixels)
             tile = getattr(im, "_tile_size", None)  # TIFF: the decoder allocates one tile up front
-            if tile and tile[0] * tile[1] > limit:
-                raise SkipItem(item.id, f"image too large ({tile[0]}x{tile[1]} pixel tile, limit {limit})")
+            if tile:
+                _check_size(item.id, tile[0], tile[1], max_pixels, tile=True)
             if width <= 0 or height <= 0:
                 raise SkipItem(item.id, f"empty image ({width}x{height})")
             try:
@@ -642,6 +737,8 @@ def decode_item(item: SourceItem) -> DecodedImage:
                 raise SkipItem(item.id, f"cannot decode image: {_exc_text(e)}") from None
             except Exception as e:  # SyntaxError, ValueError, EOFError, zlib.error, ...
                 raise SkipItem(item.id, f"cannot decode image: {_exc_text(e)}") from None
+            if im.size != (width, height):  # a few formats (ICO, ICNS, ...) decode to another size
+                _check_size(item.id, im.size[0], im.size[1], max_pixels)
             try:
                 oriented = ImageOps.exif_transpose(im, in_place=False)
             except Exception:  # a broken EXIF block: keep the stored orientation
@@ -653,6 +750,49 @@ def decode_item(item: SourceItem) -> DecodedImage:
             except Exception as e:
                 raise SkipItem(item.id, f"cannot convert {oriented.mode!r} image to RGB: {_exc_text(e)}") from None
     return DecodedImage(item, rgb)
+
+
+def _check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a whole number of pixels >= 1 (or None: no budget), got {max_pixels!r}")
+
+
+def _megapixels(pixels: int, decimals: int) -> str:
+    """``pixels`` in megapixels with at most ``decimals`` decimals (trailing zeros dropped, one kept)."""
+    text = f"{pixels / 1e6:.{decimals}f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _budget_reason(width: int, height: int, max_pixels: int) -> str | None:
+    """None when ``width x height`` is within ``max_pixels``, else the reason, e.g.
+    ``"20000x20000 = 400.0 megapixels is over the pixel budget of 64.0 megapixels (--max-pixels)"``.
+
+    The budget is shown exactly; the image's size with one decimal (two significant digits below one
+    megapixel), and more where needed to read as over the budget (``64.01``, not ``64.0``, over ``64.0``)."""
+    pixels = width * height
+    if pixels <= max_pixels:
+        return None
+    budget = _megapixels(max_pixels, 6)
+    decimals = 1 if pixels >= 1_000_000 else min(6, 1 - math.floor(math.log10(pixels / 1e6)))
+    while decimals < 6 and float(_megapixels(pixels, decimals)) <= float(budget):
+        decimals += 1
+    return (
+        f"{width}x{height} = {_megapixels(pixels, decimals)} megapixels is over the pixel budget of {budget} "
+        "megapixels (--max-pixels)"
+    )
+
+
+def _check_size(item_id: str, width: int, height: int, max_pixels: int | None, *, tile: bool = False) -> None:
+    """:class:`SkipItem` when ``width x height`` is over the pixel budget or over :data:`MAX_IMAGE_PIXELS`
+    (whichever is lower names the reason)."""
+    limit = MAX_IMAGE_PIXELS
+    if max_pixels is not None and max_pixels <= limit:
+        reason = _budget_reason(width, height, max_pixels)
+        if reason is not None:
+            raise SkipItem(item_id, ("tile " if tile else "") + reason)
+    if width * height > limit:
+        what = "pixel tile" if tile else "pixels"
+        raise SkipItem(item_id, f"image too large ({width}x{height} {what}, limit {limit})")
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:

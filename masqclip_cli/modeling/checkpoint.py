@@ -10,12 +10,19 @@ Tensor names (see docs/model-format.md):
 
 The safetensors metadata holds ``format`` = ``masqclip``, ``format_version`` and ``config`` (a JSON document). Files are
 written to a temporary name and renamed, so an interrupted save never leaves a half-written model.
+
+What a file is, is decided by its content, never by its name (:func:`sniff_model_file`): safetensors (an 8-byte
+little-endian header length, then a JSON header starting with ``{``), a PyTorch zip checkpoint (``PK\\x03\\x04``) or a
+PyTorch legacy pickle (the ``\\x80`` protocol byte). Every failure to read one is a :class:`ModelFileError` of one line
+that names the file and says what it is (empty, text, truncated safetensors, ...).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +41,15 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "DEFAULT_THRESHOLDS",
+    "MODEL_FILE_KINDS",
     "ModelFileError",
     "MasQClipParts",
+    "model_file_errors",
     "read_header",
+    "read_safetensors_metadata",
     "save_model_file",
     "load_model_file",
+    "sniff_model_file",
 ]
 
 FORMAT_NAME = "masqclip"
@@ -52,6 +63,148 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
 
 class ModelFileError(ValueError):
     """A model file is missing, unreadable or not in our format; the message names the file."""
+
+
+#: What :func:`sniff_model_file` returns, and how messages name it.
+MODEL_FILE_KINDS: dict[str, str] = {
+    "safetensors": "a safetensors file",
+    "pytorch-zip": "a PyTorch zip checkpoint",
+    "pytorch-pickle": "a pickle (the legacy PyTorch checkpoint format)",
+}
+#: The largest JSON header the safetensors library accepts (100 MB); a larger "length" is not safetensors.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+_NEITHER = "neither safetensors, nor a PyTorch zip or pickle"
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (whitespace runs joined), cut at ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_unknown(head: bytes, size: int) -> str:
+    """What a file that is no model file looks like: ``text starting with '<!DOCTYPE html>'``, ``binary data ...``."""
+    if size == 0:
+        return "an empty file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        start = " ".join(text.split())[:24]
+        return f"text starting with {start!r} ({size} bytes)"
+    return f"binary data starting with {head[:8].hex(' ')} ({size} bytes)"
+
+
+def sniff_model_file(path: str | Path, expected: str = "a model file") -> str:
+    """The kind of a model file, from its first bytes (never from its name).
+
+    Args:
+        path: the file.
+        expected: how the message for an unknown content names what was expected (``a model file``, ``a loadable
+            PyTorch checkpoint``, ...).
+
+    Returns:
+        A :data:`MODEL_FILE_KINDS` key: ``safetensors`` (bytes 0-7: a header length up to 100 MB, byte 8: ``{``),
+        ``pytorch-zip`` (``PK\\x03\\x04``) or ``pytorch-pickle`` (``\\x80`` and a protocol 2-5, as ``torch.save`` with
+        ``_use_new_zipfile_serialization=False`` and legacy files start).
+
+    Raises:
+        ModelFileError: the file is missing or unreadable, or its content is none of those (the message says what it
+            looks like: empty, text, binary).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read the model file ({exc.strerror or exc})") from exc
+    if head[:4] == b"PK\x03\x04":
+        return "pytorch-zip"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= _MAX_SAFETENSORS_HEADER:
+        return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pytorch-pickle"
+    raise ModelFileError(f"{path}: not {expected} ({_NEITHER}: {_describe_unknown(head, size)})")
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, after checking that the whole file is there and readable.
+
+    Truncation is named as such: a header length beyond the end of the file, or tensor data (the largest
+    ``data_offsets`` end) beyond it. Any other defect (bad JSON, inconsistent offsets, unknown dtypes) is reported as
+    a corrupt safetensors file with the reason. Only the header is read, not the tensors.
+
+    Raises:
+        ModelFileError: missing, not safetensors by content, truncated or corrupt; one line naming the file.
+    """
+    path = Path(path)
+    kind = sniff_model_file(path, expected="a safetensors model file")
+    if kind != "safetensors":
+        raise ModelFileError(
+            f"{path}: not a safetensors model file (it is {MODEL_FILE_KINDS[kind]}: convert an official MasQCLIP "
+            "checkpoint with `masqclip convert`)"
+        )
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if 8 + header_len > size:
+                raise ModelFileError(
+                    f"{path}: truncated safetensors file (its header says {header_len} header bytes, the file has "
+                    f"only {size} bytes in all)"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read the model file ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ModelFileError(f"{path}: corrupt safetensors file (its JSON header does not parse: {exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: corrupt safetensors file (its JSON header is not an object)")
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ModelFileError(f"{path}: corrupt safetensors file (tensor {name!r} has no valid data_offsets)")
+        data_end = max(data_end, offsets[1])
+    if 8 + header_len + data_end > size:
+        raise ModelFileError(
+            f"{path}: truncated safetensors file (its tensor data ends at byte {8 + header_len + data_end}, the file "
+            f"has only {size} bytes)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - the library's own checks (SafetensorError and others)
+        raise ModelFileError(f"{path}: corrupt safetensors file ({_one_line(exc)})") from exc
+    return meta
+
+
+#: What building modules from a damaged header may raise (a corrupt file, not a bug of the caller).
+_BUILD_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AssertionError, AttributeError, IndexError,
+                 ZeroDivisionError, OverflowError, MemoryError)
+
+
+@contextmanager
+def model_file_errors(path: str | Path) -> Iterator[None]:
+    """Turn what building a model from a file's header and tensors raises into a one-line :class:`ModelFileError`
+    naming the file (a ModelFileError passes unchanged)."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except _BUILD_ERRORS as exc:
+        raise ModelFileError(
+            f"{path}: corrupt model file: its header describes a model that cannot be built from its tensors "
+            f"({type(exc).__name__}: {_one_line(exc)})"
+        ) from exc
 
 
 @dataclass
@@ -197,27 +350,35 @@ def save_model_file(
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
-    """The ``config`` document of a model file, after checking that the file is ours and of a known version."""
+    """The ``config`` document of a model file, after checking that the file is ours and of a known version.
+
+    Raises:
+        ModelFileError: missing, not safetensors (by content), truncated, corrupt, not ours, or of a newer version.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a safetensors file"
-        raise ModelFileError(f"{path}: not a safetensors model file ({exc})".splitlines()[0]) from exc
+    meta = read_safetensors_metadata(path)
     if meta.get("format") != FORMAT_NAME or "config" not in meta:
-        raise ModelFileError(f"{path}: not a masqclip model file (no '{FORMAT_NAME}' header)")
-    version = int(meta.get("format_version", "0"))
+        raise ModelFileError(
+            f"{path}: not a masqclip model file (a safetensors file without the '{FORMAT_NAME}' header)"
+        )
+    try:
+        version = int(meta.get("format_version", "0"))
+    except ValueError:
+        raise ModelFileError(
+            f"{path}: corrupt model header (format_version {meta.get('format_version')!r} is not a number)"
+        ) from None
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model format version {version} is newer than this masqclip understands ({FORMAT_VERSION}); "
             "upgrade masqclip"
         )
     try:
-        return json.loads(meta["config"])
+        config = json.loads(meta["config"])
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: corrupt model header ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("clip"), dict):
+        raise ModelFileError(f"{path}: corrupt model header (its config is not an object with a 'clip' section)")
+    return config
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -225,10 +386,24 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 
 def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> MasQClipParts:
-    """Build the parts stored in a model file (modules in eval mode on ``device``)."""
+    """Build the parts stored in a model file (modules in eval mode on ``device``).
+
+    Raises:
+        ModelFileError: any defect of the file (see :func:`read_header`; tensors that do not load or do not match
+            the header), one line naming the file.
+    """
     path = Path(path)
     config = read_header(path)
-    tensors = load_file(str(path), device=str(device))
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and whatever a damaged file makes the library raise
+        raise ModelFileError(f"{path}: corrupt safetensors file, its tensors do not load ({_one_line(exc)})") from exc
+    with model_file_errors(path):
+        return _parts_from(path, config, tensors, device)
+
+
+def _parts_from(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                device: str | torch.device) -> MasQClipParts:
     # half-precision storage (``storage_dtype``) is read back as float32: the model computes in float32 and
     # load_model(precision=...) casts afterwards
     tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
@@ -243,7 +418,7 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Mas
         try:
             clip_model.visual.load_state_dict(_strip(clip_state, "visual."), strict=True)
         except RuntimeError as exc:
-            raise ModelFileError(f"{path}: CLIP visual tensors do not match its config: {exc}") from exc
+            raise ModelFileError(f"{path}: CLIP visual tensors do not match its config: {_one_line(exc)}") from exc
     masq = MasQVisual(
         clip_model.visual,
         fq_init=config["masq"].get("fq_init", "copy"),

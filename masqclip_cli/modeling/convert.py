@@ -21,12 +21,19 @@ Unknown, missing and mis-shaped keys stop the conversion, naming them, unless ``
 then lists exactly what was skipped and what was left at initial values. The file's ``mask_embeddings`` is kept;
 ``tie_mask_embeddings`` reproduces the official loader, where ``positional_embedding[0]`` overwrites it (the two
 share storage there; golden README, "Storage aliasing").
+
+Files are read by content (:func:`~masqclip_cli.modeling.checkpoint.sniff_model_file`): a PyTorch zip or pickle
+checkpoint is loaded with ``torch.load(weights_only=True)`` only, so a pickle that would build other Python objects
+(and could run code) is refused, naming what it holds; a safetensors file of official keys is read with safetensors.
 """
 
 from __future__ import annotations
 
-import pickle
+import io
+import pickletools
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,14 @@ from typing import Any
 import torch
 
 from masqclip_cli.modeling.builder import build_model, save_model
+from masqclip_cli.modeling.checkpoint import (
+    FORMAT_NAME,
+    MODEL_FILE_KINDS,
+    ModelFileError,
+    _one_line,
+    read_safetensors_metadata,
+    sniff_model_file,
+)
 from masqclip_cli.modeling.masqclip import MasQCLIP
 from masqclip_cli.modeling.proposals.network import map_official_key
 
@@ -45,6 +60,7 @@ __all__ = [
     "convert_official",
     "official_key_to_ours",
     "read_official_checkpoint",
+    "refused_pickle_message",
 ]
 
 IGNORED_OFFICIAL_KEYS = frozenset({"criterion.empty_weight"})
@@ -69,24 +85,180 @@ def official_key_to_ours(key: str) -> str | None:
 
 
 def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state_dict of an official checkpoint file (``{"model": ...}`` wrapper or bare), loaded without pickles
-    of arbitrary objects (``weights_only=True``)."""
+    """The state_dict of an official checkpoint file (``{"model": ...}`` wrapper or bare).
+
+    The file's kind is decided by its content: a PyTorch zip or pickle checkpoint is loaded with
+    ``torch.load(weights_only=True)`` (never anything that could run code), a safetensors file of official keys with
+    safetensors.
+
+    Raises:
+        ConversionError: one line naming the file and saying what it is: missing, not a model file at all, truncated
+            or corrupt, a pickle refused for safety (:func:`refused_pickle_message`), already our model file, or a
+            checkpoint that holds no dict of tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"{path}: not a loadable PyTorch checkpoint of tensors ({first})") from exc
+        kind = sniff_model_file(path, expected="a loadable PyTorch checkpoint")
+        if kind == "safetensors":
+            obj = _read_safetensors_state(path)
+        else:
+            obj = _torch_load_tensors(path, kind)
+    except ModelFileError as exc:
+        raise ConversionError(str(exc)) from exc
+    what = MODEL_FILE_KINDS[kind]
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj:
-        raise ConversionError(f"{path}: holds no state_dict (expected a dict of tensors or {{'model': ...}})")
+        raise ConversionError(
+            f"{path}: {what} that holds no state_dict (expected a dict of tensors or {{'model': ...}})"
+        )
+    not_named = [k for k in obj if not isinstance(k, str)]
+    if not_named:
+        raise ConversionError(f"{path}: {what} with keys that are not names: {', '.join(map(repr, not_named[:5]))}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConversionError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
     return obj
+
+
+def _read_safetensors_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file that is not our model file (an official state_dict saved as safetensors)."""
+    meta = read_safetensors_metadata(path)  # truncation and corruption, named
+    if meta.get("format") == FORMAT_NAME:
+        raise ConversionError(f"{path}: already a masqclip model file: nothing to convert (use it as it is)")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and whatever a damaged file makes the library raise
+        raise ConversionError(f"{path}: corrupt safetensors file, its tensors do not load ({_one_line(exc)})") from exc
+
+
+def _torch_load_tensors(path: Path, kind: str) -> Any:
+    """``torch.load(weights_only=True)`` of a zip or pickle checkpoint, every failure a one-line ConversionError."""
+    what = MODEL_FILE_KINDS[kind]
+    if kind == "pytorch-zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as exc:
+            raise ConversionError(
+                f"{path}: a zip file (the PyTorch checkpoint format), but truncated or corrupt (its zip directory is "
+                "missing or damaged)"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - what a damaged directory makes zipfile raise
+            raise ConversionError(f"{path}: a zip file, but truncated or corrupt ({_one_line(exc)})") from exc
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            raise ConversionError(f"{path}: a zip archive, but not a PyTorch checkpoint (no data.pkl inside)")
+        if any(name.endswith("/constants.pkl") for name in names):
+            raise ConversionError(
+                f"{path}: a TorchScript archive, not a checkpoint of tensors (save the model's state_dict() with "
+                "torch.save and use that file)"
+            )
+    try:
+        # an open file, not the name: torch.load reads a name ending in .safetensors as safetensors, whatever it holds
+        with path.open("rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns (several lines) about pickle protocols; the errors say enough
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle makes the unpickler raise almost anything
+        refused = _refused_globals(path, kind, exc)
+        if refused:
+            raise ConversionError(refused_pickle_message(path, refused)) from None
+        reason = _weights_only_reason(exc) if "Weights only load failed" in str(exc) else _one_line(exc)
+        raise ConversionError(
+            f"{path}: {what}, but it does not load (truncated, corrupt or not written by torch.save: {reason})"
+        ) from None
+
+
+def refused_pickle_message(path: str | Path, globals_found: list[str]) -> str:
+    """The one-line message for a pickle that ``weights_only`` loading refused: what it holds, why it was refused,
+    and what to do with a file the user trusts (never: load it with pickles of arbitrary objects allowed)."""
+    shown = ", ".join(globals_found[:3]) + (f" and {len(globals_found) - 3} more" if len(globals_found) > 3 else "")
+    return (
+        f"{path}: refused to load: the checkpoint contains Python objects other than tensors ({shown}), which could "
+        "run code when loaded; if you trust this file, load it with the code that made it, re-save the weights as "
+        "plain tensors (torch.save(model.state_dict(), 'clean.pth')) and use clean.pth"
+    )
+
+
+_REFUSAL_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"reduce for unrecognized function (.+?)(?: which belongs to|$)", re.MULTILINE),
+    re.compile(r"(?:Can only create new object|Can only build).*but got (.+)$", re.MULTILINE),
+)
+
+
+def _refused_globals(path: Path, kind: str, exc: Exception) -> list[str]:
+    """The globals (``module.name``) of a checkpoint that ``weights_only`` loading does not allow, when that is why
+    it failed; [] for any other failure (a truncated or corrupt file)."""
+    if "Weights only load failed" not in str(exc):
+        return []
+    found = _unsafe_globals(path, kind)
+    if found:
+        return found
+    for pattern in _REFUSAL_PATTERNS:
+        match = pattern.search(str(exc))
+        if match:
+            return [match.group(1).strip()]
+    return []
+
+
+def _weights_only_reason(exc: Exception) -> str:
+    """The unpickler's own reason in torch's long ``Weights only load failed`` message (its last paragraph that is
+    not advice), on one line."""
+    paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n") if p.strip()]
+    reasons = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation"))]
+    return (reasons[-1] if reasons else "the pickle does not unpickle")[:300]
+
+
+#: How much of a pickle checkpoint is scanned for globals (the pickles come first, the tensor bytes after them).
+_SCAN_BYTES = 64 << 20
+
+
+def _unsafe_globals(path: Path, kind: str) -> list[str]:
+    """The globals a checkpoint's pickles name that ``weights_only`` loading does not allow, found by reading the
+    pickle opcodes (nothing is unpickled)."""
+    try:
+        if kind == "pytorch-zip":
+            with path.open("rb") as f:
+                return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+        from torch import _weights_only_unpickler
+
+        allowed = set(_weights_only_unpickler._get_allowed_globals())
+        with path.open("rb") as f:
+            data = f.read(_SCAN_BYTES)
+    except Exception:  # noqa: BLE001 - a diagnostic only: without it the generic message is given
+        return []
+    return list(dict.fromkeys(g for g in _pickle_globals(data) if g not in allowed))
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """The ``module.name`` of every GLOBAL / INST / STACK_GLOBAL in the consecutive pickles at the start of
+    ``data`` (a legacy ``torch.save`` file is several pickles, then raw tensor bytes), read with :mod:`pickletools`
+    (which never builds objects)."""
+    found: list[str] = []
+    position = 0
+    while position < len(data):
+        stream = io.BytesIO(data)
+        stream.seek(position)
+        strings: list[str] = []
+        try:
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and "UNICODE" in opcode.name:
+                    strings.append(arg)
+        except Exception:  # noqa: BLE001 - the end of the pickles (tensor bytes) or a damaged one
+            break
+        if stream.tell() <= position:
+            break
+        position = stream.tell()
+    return found
 
 
 @dataclass

@@ -20,8 +20,21 @@ from pathlib import Path
 import torch
 
 from masqclip_cli.modeling.builder import build_model, resolve_proposal_config, save_model
-from masqclip_cli.modeling.checkpoint import ModelFileError, load_model_file, read_header
-from masqclip_cli.modeling.convert import convert_official, read_official_checkpoint
+from masqclip_cli.modeling.checkpoint import (
+    FORMAT_NAME,
+    MODEL_FILE_KINDS,
+    ModelFileError,
+    load_model_file,
+    model_file_errors,
+    read_safetensors_metadata,
+    sniff_model_file,
+)
+from masqclip_cli.modeling.convert import (
+    ConversionError,
+    convert_official,
+    official_key_to_ours,
+    read_official_checkpoint,
+)
 from masqclip_cli.modeling.masqclip import MasQCLIP
 from masqclip_cli.modeling.proposals.network import build_proposal_network
 from masqclip_cli.modeling.registry import (
@@ -65,15 +78,38 @@ def _model_from_file(path: Path, device: str | torch.device) -> MasQCLIP:
     parts = load_model_file(path, device="cpu")
     if parts.proposals_config is None or parts.proposals_state is None:
         raise ModelFileError(f"{path}: holds no proposal network; it cannot segment images")
-    network = build_proposal_network(parts.proposals_config).eval()
-    missing, unexpected = network.load_state_dict(parts.proposals_state, strict=False)
-    if missing or unexpected:
-        raise ModelFileError(f"{path}: proposal tensors do not match its config: {(missing + unexpected)[:5]}")
-    model = MasQCLIP(network, parts.masq_visual, parts.text_encoder, proposals_config=parts.proposals_config,
-                     clip_spec=parts.clip_spec, thresholds=parts.thresholds)
-    model.test_size = parts.test_size
-    if parts.vocabulary is not None and parts.text_embeddings is not None:
-        model.set_text_embeddings(parts.text_embeddings, parts.vocabulary)
+    with model_file_errors(path):
+        network = build_proposal_network(parts.proposals_config).eval()
+        missing, unexpected = network.load_state_dict(parts.proposals_state, strict=False)
+        if missing or unexpected:
+            raise ModelFileError(f"{path}: proposal tensors do not match its config: {(missing + unexpected)[:5]}")
+        model = MasQCLIP(network, parts.masq_visual, parts.text_encoder, proposals_config=parts.proposals_config,
+                         clip_spec=parts.clip_spec, thresholds=parts.thresholds)
+        model.test_size = parts.test_size
+        if parts.vocabulary is not None and parts.text_embeddings is not None:
+            model.set_text_embeddings(parts.text_embeddings, parts.vocabulary)
+    return model
+
+
+def _model_from_official(path: Path, kind: str) -> MasQCLIP:
+    """Convert an official checkpoint (any kind but our model file) on the fly, every failure naming the file."""
+    what = MODEL_FILE_KINDS[kind]
+    state = read_official_checkpoint(path)
+    if not any(official_key_to_ours(key) for key in state):
+        sample = ", ".join(repr(key) for key in list(state)[:3])
+        header = " without the masqclip header" if kind == "safetensors" else ""
+        raise ModelFileError(
+            f"{path}: {what}{header}, but neither a masqclip model file nor an official MasQCLIP checkpoint "
+            f"(none of its {len(state)} tensors has a MasQCLIP name; it has {sample})"
+        )
+    try:
+        model, report = convert_official(state)
+    except ConversionError as exc:
+        raise ConversionError(f"{path}: {what} read as an official MasQCLIP checkpoint: {exc}") from exc
+    logger.warning("%s is %s, not a masqclip model file: converted it as an official MasQCLIP checkpoint "
+                   "(`masqclip convert` saves the result)", path, what)
+    for line in report.lines():
+        logger.info("%s", line)
     return model
 
 
@@ -103,9 +139,15 @@ def load_model(
         precision: ``fp32``, ``bf16`` or ``fp16`` for the proposal network and the CLIP visual tower (the text tower
             and all outputs stay float32).
 
+    A file's kind is decided by its content (:func:`~masqclip_cli.modeling.checkpoint.sniff_model_file`), not by its
+    name: a safetensors file with the masqclip header is our model file; any other safetensors, PyTorch zip or
+    pickle file is read as an official checkpoint (``torch.load(weights_only=True)``: a pickle of other Python
+    objects is refused, never run).
+
     Raises:
         ModelNotAvailableError: a registered model's weights are absent (the message says what to do).
-        ModelFileError / ValueError: a file that is not a usable model.
+        ModelFileError / ConversionError (both ValueError): a file that is not a usable model; one line that names
+            the file and says what it is (not a model file, truncated safetensors, refused pickle, ...).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
@@ -125,18 +167,11 @@ def load_model(
             raise ModelNotAvailableError(
                 f"{source_str}: no such model file or registered model (registered: {', '.join(MODEL_REGISTRY)})"
             )
-        try:
-            read_header(path)
-            is_ours = True
-        except ModelFileError:
-            is_ours = False
-        if is_ours:
+        kind = sniff_model_file(path)  # by content, not by name
+        if kind == "safetensors" and read_safetensors_metadata(path).get("format") == FORMAT_NAME:
             model = _model_from_file(path, device)
         else:
-            logger.warning("%s is not a masqclip model file: converting it as an official checkpoint", path)
-            model, report = convert_official(read_official_checkpoint(path))
-            for line in report.lines():
-                logger.info("%s", line)
+            model = _model_from_official(path, kind)
     dtype = PRECISIONS[precision]
     model = model.to(device)
     model.proposals.to(dtype)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from masqclip_cli.vocab import Vocabulary
+from masqclip_cli.vocab import Vocabulary, short_name
 
 __all__ = [
     "BACKGROUND",
@@ -206,8 +206,8 @@ def _check_lengths(vocab: Vocabulary, encoder: TextEncoder, templates: Sequence[
             if count is not None and count > limit:
                 where = f"{vocab.source}:{cls.line}" if cls.line else vocab.source
                 warnings.warn(
-                    f"{where}: class name '{name}' is {count} tokens, longer than the CLIP context ({limit}); "
-                    "it was truncated",
+                    f"{where}: class name '{short_name(name)}' is {count} tokens, longer than the CLIP context "
+                    f"({limit}); it was truncated",
                     stacklevel=3,
                 )
 

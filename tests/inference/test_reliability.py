@@ -198,3 +198,100 @@ def test_merge_refuses_a_shard_whose_run_did_not_finish(tmp_path):
     (shards[1] / ".masqclip" / "complete.json").write_text('{"recorded": 0}\n')
     missing = runner.invoke(app, ["merge", *map(str, shards), "--out", str(tmp_path / "m2")])
     assert missing.exit_code == 2 and "item records are missing" in missing.stderr
+
+
+def test_a_second_run_on_a_locked_out_is_refused_naming_the_holder(tmp_path):
+    from masqclip_cli.io.run_lock import RunLock
+
+    src = _images(tmp_path / "in", 2)
+    out = tmp_path / "o"
+    first = runner.invoke(app, ["segment", str(src), *BASE, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    before = _snapshot(out)
+    (tmp_path / "e").mkdir()
+    with RunLock(out), RunLock(tmp_path / "e"):  # other runs hold the folders
+        for command in (["segment", str(src), *BASE, "--out", str(out)],
+                        ["export", str(out), "--format", "coco", "--out", str(tmp_path / "e")]):
+            refused = runner.invoke(app, command)
+            assert refused.exit_code == 2, refused.output
+            (line,) = _error_lines(refused.stderr)
+            assert f"another masqclip run (pid {os.getpid()}" in line and "is writing here" in line
+    assert {k: v for k, v in _snapshot(out).items() if k != ".masqclip/lock"} == {
+        k: v for k, v in before.items() if k != ".masqclip/lock"}
+    again = runner.invoke(app, ["segment", str(src), *BASE, "--out", str(out)])  # released: runs (all reused)
+    assert again.exit_code == 0 and "2 already done" in again.stderr
+
+
+def test_labels_ids_over_65535_refused_before_the_model_loads(tmp_path):
+    src = _images(tmp_path / "in", 1)
+    vocab = tmp_path / "big-ids.json"
+    vocab.write_text(json.dumps([{"name": "dog", "id": 70000}, {"name": "cat", "id": 3}]))
+    result = runner.invoke(app, ["segment", str(src), "--model", str(tmp_path / "none.safetensors"), "--vocab",
+                                 str(vocab), "--task", "semantic", "--format", "labels", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    (line,) = _error_lines(result.stderr)
+    assert "class 'dog' has category id 70000" in line and "16-bit" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_image_over_the_pixel_budget_is_skipped_from_its_header(tmp_path):
+    import zlib
+
+    src = _images(tmp_path / "in", 2)
+    # a valid 1-bit 20000 x 20000 PNG of about 50 KB: decoding it would need gigabytes
+    width = height = 20000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    row = b"\x00" + bytes((width + 7) // 8)
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    (src / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                                   + chunk(b"IEND", b""))
+    result = runner.invoke(app, ["segment", str(src), *BASE, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    assert "skipped: huge.png: 20000x20000 = 400.0 megapixels is over the pixel budget of 64.0 megapixels" in (
+        result.stderr)
+    assert "2 done, 1 skipped" in result.stderr
+
+
+def test_an_item_that_kills_the_process_is_skipped_after_its_second_crash(tmp_path):
+    src = _images(tmp_path / "in", 4)
+    (src / "img002.png").rename(src / "crash.png")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    # decoding crash.png kills the process outright (as the kernel's OOM killer would): no Python error to catch
+    (shim / "sitecustomize.py").write_text(
+        "import os\n"
+        "import masqclip_cli.io.sources as sources\n"
+        "_decode = sources.decode_item\n"
+        "def decode_item(item, **kw):\n"
+        "    if item.id == 'crash.png':\n"
+        "        os._exit(137)\n"
+        "    return _decode(item, **kw)\n"
+        "sources.decode_item = decode_item\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    cmd = [sys.executable, "-m", "masqclip_cli", "segment", str(src), *BASE, "--out", str(tmp_path / "o")]
+    for _ in range(2):  # the first crash, then the retry (alone) that crashes again
+        died = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert died.returncode == 137, died.stderr
+    # each start counts the crash of the run before it: one so far, the second is counted by the next run
+    assert json.loads((tmp_path / "o" / ".masqclip" / "crashed.json").read_text()) == {"crash.png": 1}
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert third.returncode == 1, third.stderr
+    assert "skipped: crash.png: the process died twice while working on it" in third.stderr
+    assert "3 done" in third.stderr or "already done" in third.stderr
+    names = {im["file_name"] for im in json.loads((tmp_path / "o" / "instances.json").read_text())["images"]}
+    assert names == {"img000.png", "img001.png", "img003.png"}
+    assert json.loads((tmp_path / "o" / ".masqclip" / "crashed.json").read_text()) == {"crash.png": 2}
+
+
+def test_skips_found_while_listing_name_the_file(tmp_path):
+    src = _images(tmp_path / "in", 1)
+    missing = tmp_path / "nothere.png"
+    result = runner.invoke(app, ["segment", "-", *BASE, "--out", str(tmp_path / "o")],
+                           input=f"{src / 'img000.png'}\n{missing}\n")
+    assert result.exit_code == 1, result.output
+    assert f"skipped: {missing}: no such file or directory" in result.stderr

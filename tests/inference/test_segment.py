@@ -84,10 +84,15 @@ def test_batches_give_identical_outputs_and_rerun_changes_nothing(tmp_path):
     assert _run([*args, "--out", str(tmp_path / "b1")]).exit_code == 0
     assert _run([*args, "--out", str(tmp_path / "b3"), "--batch-size", "3"]).exit_code == 0
     assert _tree(tmp_path / "b1") == _tree(tmp_path / "b3")
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "b1").rglob("*") if p.is_file()}
+    lock = tmp_path / "b1" / ".masqclip" / "lock"  # the run lock: held (written) by every run, emptied after
+
+    def mtimes() -> dict:
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "b1").rglob("*") if p.is_file() and p != lock}
+
+    before = mtimes()
     result = _run([*args, "--out", str(tmp_path / "b1")])
     assert result.exit_code == 0 and "0 done, 4 already done (resumed)" in result.stderr
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b1").rglob("*") if p.is_file()} == before
+    assert mtimes() == before and lock.read_bytes() == b""
 
 
 def test_other_options_are_refused_unless_overwrite(tmp_path):

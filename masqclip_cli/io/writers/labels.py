@@ -9,10 +9,40 @@ import numpy as np
 
 from masqclip_cli.io.files import atomic_save_png, atomic_write_json, output_path
 from masqclip_cli.structures import Segmentation
+from masqclip_cli.vocab import Vocabulary, short_name
 
 from .base import ItemInfo, Writer, check_size
 
-__all__ = ["LabelsWriter"]
+__all__ = ["MAX_LABEL_ID", "LabelsWriter", "check_labels_vocabulary"]
+
+#: The largest category id a label PNG holds (they are 16-bit at most).
+MAX_LABEL_ID = 65535
+
+
+def check_labels_vocabulary(vocab: Vocabulary) -> list[int]:
+    """The category ids the labels writer would write for ``vocab`` (:meth:`Vocabulary.category_ids`), after checking
+    that they fit: none is 0 (the unlabelled value) and none is above :data:`MAX_LABEL_ID`. Cheap (no model, no
+    files), so a caller can run it before any model loads; :class:`LabelsWriter` runs it when it is built.
+
+    Raises:
+        ValueError: one line naming the (first) offending class and its id.
+    """
+    ids = vocab.category_ids()
+    if 0 in ids:
+        raise ValueError(
+            "the labels writer uses 0 for unlabelled pixels but the vocabulary has a category with id 0 "
+            f"('{short_name(vocab.names[ids.index(0)])}'); give it another id"
+        )
+    too_big = [i for i, category_id in enumerate(ids) if category_id > MAX_LABEL_ID]
+    if too_big:
+        first = too_big[0]
+        more = f" (and {len(too_big) - 1} more above {MAX_LABEL_ID})" if len(too_big) > 1 else ""
+        raise ValueError(
+            f"{short_name(vocab.source, 200)}: class '{short_name(vocab.names[first])}' has category id {ids[first]}"
+            f"{more}, but labels PNGs are 16-bit (ids up to {MAX_LABEL_ID}); use --format panoptic, or a vocabulary "
+            "with smaller ids"
+        )
+    return ids
 
 
 class LabelsWriter(Writer):
@@ -34,16 +64,9 @@ class LabelsWriter(Writer):
     color_kind = "labels_color"
     file_name = "labels_legend.json"
 
-    def __init__(self, out_dir, vocab, **options: Any) -> None:
+    def __init__(self, out_dir, vocab: Vocabulary, **options: Any) -> None:
         super().__init__(out_dir, vocab, **options)
-        ids = self.category_ids
-        if 0 in ids:
-            raise ValueError(
-                "the labels writer uses 0 for unlabelled pixels but the vocabulary has a category with id 0 "
-                f"('{vocab.names[ids.index(0)]}'); give it another id"
-            )
-        if max(ids) > 65535:
-            raise ValueError(f"category id {max(ids)} does not fit a 16-bit label PNG")
+        ids = check_labels_vocabulary(vocab)  # before any item is processed
         self.dtype = np.uint8 if max(ids) <= 255 else np.uint16
         # Lookup: contiguous index + 1 -> category id (index 0 = out of vocabulary -> 0).
         self._lut = np.array([0, *ids], dtype=self.dtype)
