@@ -110,6 +110,12 @@ def tiny_disk(tmp_path):
 def test_disk_full_stops_with_one_line_and_keeps_what_was_written(tmp_path, tiny_disk):
     src = _images(tmp_path / "in", 60, size=(96, 128))
     out = tiny_disk / "out"
+    first = tmp_path / "first"  # a first run over 3 of the images fits on the disk
+    first.mkdir()
+    for name in sorted(p.name for p in src.iterdir())[:3]:
+        shutil.copyfile(src / name, first / name)
+    assert _cli("segment", str(first), *BASE, "--out", str(out)).returncode == 0
+    earlier = _snapshot(out)
     done = _cli("segment", str(src), *BASE, "--out", str(out))
     assert done.returncode in (1, 2), done.stderr
     (line,) = _error_lines(done.stderr)
@@ -122,6 +128,12 @@ def test_disk_full_stops_with_one_line_and_keeps_what_was_written(tmp_path, tiny
         elif path.is_file() and path.suffix == ".png":
             Image.open(path).load()
     assert not [p for p in out.rglob(".*.tmp")]  # no temporary file left behind
+    # the first run's item files are untouched; its run-level files were replaced whole or not at all
+    now = _snapshot(out)
+    for name, (digest, _) in earlier.items():
+        if ".masqclip" in Path(name).parts or "/" in name:
+            if Path(name).name not in ("lock", "inflight.log", "complete.json"):
+                assert now[name][0] == digest, name
     records = list((out / ".masqclip" / "items").rglob("*.json")) if (out / ".masqclip" / "items").is_dir() else []
     assert len(records) < 60
     assert not (out / ".masqclip" / "complete.json").exists()
