@@ -183,6 +183,23 @@ class Writer(ABC):
             raise ValueError(f"class index {index} is outside the vocabulary (0..{len(self.vocab) - 1})")
         return index
 
+    def _mask_regions(self, item: ItemInfo, seg: Segmentation) -> list[tuple[int, float, np.ndarray]]:
+        """``(class index, score, (H, W) bool mask)`` of every instance when the result has instances, else of every
+        panoptic segment (its pixels in the panoptic map); a one-line ValueError naming the item otherwise."""
+        size = tuple(int(v) for v in seg.image_size)
+        if seg.instances is not None:
+            try:
+                checked = seg.instance_masks()
+            except ValueError as exc:
+                raise ValueError(f"item {item.id!r}: {exc}") from None
+            return [(self._category(inst.category), inst.score, mask) for inst, mask in checked]
+        if seg.panoptic is None:
+            raise ValueError(f"item {item.id!r}: the {self.name} writer needs instance or panoptic results")
+        pan = np.asarray(seg.panoptic)
+        if pan.shape != size:
+            raise ValueError(f"item {item.id!r}: panoptic map is {pan.shape}, the image {size}")
+        return [(self._category(s.category), s.score, pan == s.id) for s in seg.segments]
+
     def _coco_categories(self, *, color: bool) -> list[dict[str, Any]]:
         """The vocabulary as a COCO ``categories`` list (id, name, supercategory, isthing[, color])."""
         colors = self.vocab.colors()

@@ -237,27 +237,6 @@ class LabelStudioWriter(Writer):
         self.regions = regions
 
     # --- per item ------------------------------------------------------------------------------------------------
-    def _masks(self, item: ItemInfo, seg: Segmentation) -> Iterator[tuple[int, float, np.ndarray]]:
-        """(class index, score, mask) of every instance, or of every panoptic segment without instances."""
-        size = tuple(int(v) for v in seg.image_size)
-        if seg.instances is not None:
-            try:
-                checked = seg.instance_masks()
-            except ValueError as exc:
-                raise ValueError(f"item {item.id!r}: {exc}") from None
-            for inst, mask in checked:
-                yield self._category(inst.category), inst.score, mask
-        elif seg.panoptic is not None:
-            pan = np.asarray(seg.panoptic)
-            if pan.shape != size:
-                raise ValueError(f"item {item.id!r}: panoptic map is {pan.shape}, the image {size}")
-            for s in seg.segments:
-                yield self._category(s.category), s.score, pan == s.id
-        else:
-            raise ValueError(
-                f"item {item.id!r}: the label-studio writer needs instance or panoptic results (task 'instance')"
-            )
-
     def write_item(self, item: ItemInfo, seg: Segmentation, image: np.ndarray | None = None) -> dict:
         """The item's regions (brush RLE as base64 bytes, or polygon points in percent), for :meth:`finalize`."""
         height, width = check_size(item, seg)
@@ -265,7 +244,7 @@ class LabelStudioWriter(Writer):
         regions: list[dict[str, Any]] = []
         scores: list[float] = []
         k = 0
-        for category, score, mask in self._masks(item, seg):
+        for category, score, mask in self._mask_regions(item, seg):
             if not mask.any():
                 continue
             k += 1

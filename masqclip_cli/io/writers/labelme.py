@@ -156,22 +156,6 @@ class LabelmeWriter(Writer):
             rel = os.path.abspath(item.source)
         return rel.replace(os.sep, "/")
 
-    def _regions(self, item: ItemInfo, seg: Segmentation) -> list[tuple[int, float, np.ndarray]]:
-        """(class index, score, (H, W) bool mask) of every instance, else of every panoptic segment."""
-        size = tuple(int(v) for v in seg.image_size)
-        if seg.instances is not None:
-            try:
-                checked = seg.instance_masks()
-            except ValueError as exc:
-                raise ValueError(f"item {item.id!r}: {exc}") from None
-            return [(self._category(inst.category), inst.score, mask) for inst, mask in checked]
-        if seg.panoptic is None:
-            raise ValueError(f"item {item.id!r}: the labelme writer needs instance or panoptic results")
-        pan = np.asarray(seg.panoptic)
-        if pan.shape != size:
-            raise ValueError(f"item {item.id!r}: panoptic map is {pan.shape}, the image {size}")
-        return [(self._category(s.category), s.score, pan == s.id) for s in seg.segments]
-
     def _shape(self, label: str, score: float, group: int, points: list[list[float]], shape_type: str,
                mask: str | None) -> dict[str, Any]:
         return {
@@ -212,7 +196,7 @@ class LabelmeWriter(Writer):
         names = self.vocab.names
         shapes: list[dict[str, Any]] = []
         group = 0
-        for category, score, mask in self._regions(item, seg):
+        for category, score, mask in self._mask_regions(item, seg):
             if not mask.any():
                 continue
             group += 1
