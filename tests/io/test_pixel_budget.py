@@ -154,9 +154,11 @@ def test_huge_png_skip_costs_no_memory(huge_png):
     assert float(skip_mb) < 20
 
 
-def test_budget_fires_before_pils_own_bomb_check(tmp_path):
+def test_budget_fires_before_pils_own_bomb_check(tmp_path, monkeypatch):
     over_warn = _header_only_png(tmp_path / "warn.png", 10_000, 10_000)  # 100 Mpx: PIL warns (> 89.5 Mpx)
     over_error = _header_only_png(tmp_path / "error.png", 15_000, 15_000)  # 225 Mpx: PIL refuses (> 179 Mpx)
+    # PIL's default limit (another library imported earlier in the session may have changed the global)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(1024 * 1024 * 1024 // 4 // 3))
     before = Image.MAX_IMAGE_PIXELS
     # the reference: PIL alone, with its default limit
     with pytest.warns(Image.DecompressionBombWarning):
