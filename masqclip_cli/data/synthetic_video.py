@@ -81,6 +81,7 @@ from masqclip_cli.data.synthetic import (
     vocab_text,
 )
 from masqclip_cli.io.files import atomic_save_png, atomic_write_bytes, atomic_write_json, atomic_write_text
+from masqclip_cli.io.writers.mots import mots_line
 from masqclip_cli.structures.masks import encode_rle, id_to_rgb
 
 __all__ = [
@@ -501,8 +502,7 @@ def mots_lines(video: Video) -> list[str]:
         for track_id, tr in by_id.items():
             if not tr.visible_areas[k]:
                 continue
-            counts = encode_rle(seg == track_id)["counts"]
-            lines.append(f"{k + 1} {track_id} {tr.category_id} {h} {w} {counts}")
+            lines.append(mots_line(k + 1, track_id, tr.category_id, h, w, encode_rle(seg == track_id)["counts"])[:-1])
     return lines
 
 

@@ -65,7 +65,8 @@ from typing import Any
 import numpy as np
 
 from masqclip_cli.io.files import atomic_write_chunks, atomic_write_text
-from masqclip_cli.structures.masks import decode_rle, encode_rle
+from masqclip_cli.io.writers.mots import mots_line
+from masqclip_cli.structures.masks import claim_pixels, decode_rle, encode_rle
 
 __all__ = [
     "MOTS_IGNORE_CLASS_ID",
@@ -205,17 +206,14 @@ def write_mots(
                 file_size = size
             elif size != file_size:
                 raise ValueError(f"{where}: masks are {size[0]}x{size[1]}, earlier ones {file_size[0]}x{file_size[1]}")
-            taken = np.zeros(size, dtype=bool)
+            claimed = claim_pixels(decoded)
             out = []
-            for track_id, class_id, mask in zip(track_ids, class_ids, decoded):
-                if overlap == "error" and (mask & taken).any():
+            for track_id, class_id, mask, kept in zip(track_ids, class_ids, decoded, claimed):
+                if overlap == "error" and kept.sum() != mask.sum():
                     raise ValueError(f"{where}: the mask of track {track_id} overlaps an earlier one")
-                mask = mask & ~taken
-                taken |= mask
-                if not mask.any():
-                    continue
-                counts = encode_rle(mask)["counts"]
-                out.append(f"{frame + first_frame} {int(track_id)} {int(class_id)} {size[0]} {size[1]} {counts}\n")
+                if kept.any():
+                    out.append(mots_line(frame + first_frame, track_id, class_id, size[0], size[1],
+                                         encode_rle(kept)["counts"]))
             rows += len(out)
             yield "".join(out)
 

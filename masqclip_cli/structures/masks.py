@@ -6,7 +6,7 @@ Everything here works on numpy arrays and imports nothing else of masqclip: it i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ __all__ = [
     "MAX_SEGMENT_ID",
     "SCORE_DECIMALS",
     "Polygon",
+    "claim_pixels",
     "decode_rle",
     "encode_rle",
     "id_to_rgb",
@@ -407,4 +408,19 @@ def polygons_to_mask(polygons: Sequence[Polygon], height: int, width: int) -> np
             ring = np.rint(hole).astype(np.int32).reshape(-1, 1, 2)
             cv2.fillPoly(canvas, [ring], 0, cv2.LINE_8, 0, offset)
         out[y0 : y1 + 1, x0 : x1 + 1] |= canvas.astype(bool)
+    return out
+
+
+def claim_pixels(masks: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """Non-overlapping masks from overlapping ones, in priority order: each (H, W) bool mask keeps only the pixels
+    that no earlier mask took (the first listed wins a contested pixel); a mask may come out empty."""
+    out: list[np.ndarray] = []
+    taken: np.ndarray | None = None
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        if taken is None:
+            taken = np.zeros(mask.shape, dtype=bool)
+        kept = mask & ~taken
+        taken |= kept
+        out.append(kept)
     return out

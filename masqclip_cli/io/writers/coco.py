@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from masqclip_cli import __version__
-from masqclip_cli.io.files import atomic_write_json_stream, output_path
+from masqclip_cli.io.files import atomic_write_json_stream
 from masqclip_cli.structures import Segmentation
 from masqclip_cli.structures.masks import decode_rle, round_score
 
@@ -150,11 +150,9 @@ class CocoWriter(Writer):
     def _image_path(self, item: ItemInfo) -> tuple[Path, bool]:
         """(``out/coco-cvat/images/default/<id>[.png]``, whether the source is copied as is): the yolo-seg writer's
         rule (``.png`` appended to a video frame and to an extension it does not copy)."""
-        from .yolo_seg import COPY_SUFFIXES, _is_video  # here: importing a format module registers its writer
+        from .yolo_seg import image_file_path  # here: importing a format module registers its writer
 
-        as_is = Path(item.id).suffix.lower() in COPY_SUFFIXES and not _is_video(item.source)
-        images = self._root() / "images"
-        return output_path(images, self.cvat_subset, item.id, "" if as_is else ".png"), as_is
+        return image_file_path(self._root() / "images", self.cvat_subset, item)
 
     def image_file_name(self, item: ItemInfo) -> str:
         """The ``images[].file_name`` of an item: ``ItemInfo.file_name`` (flat layout), or the image's path relative

@@ -53,7 +53,7 @@ import numpy as np
 
 from masqclip_cli.io.files import atomic_write_chunks, output_path
 from masqclip_cli.structures import Segmentation
-from masqclip_cli.structures.masks import encode_rle
+from masqclip_cli.structures.masks import claim_pixels, encode_rle
 
 from .base import ItemInfo, Writer
 
@@ -89,13 +89,9 @@ class MotsWriter(Writer):
         for track in tracks:
             self._category(track.category)
         if source == "instance":  # instances may overlap: the best-scoring track takes a contested pixel
-            taken = np.zeros((int(item.height), int(item.width)), dtype=bool)
-            kept = []
-            for track in sorted(tracks, key=lambda t: (-t.score, t.track_id)):
-                mask = track.mask & ~taken
-                taken |= mask
-                if mask.any():
-                    kept.append((track.track_id, track.category, mask))
+            ranked = sorted(tracks, key=lambda t: (-t.score, t.track_id))
+            kept = [(t.track_id, t.category, mask) for t, mask in zip(ranked, claim_pixels(t.mask for t in ranked))
+                    if mask.any()]
         else:
             kept = [(t.track_id, t.category, t.mask) for t in tracks]
         kept.sort(key=lambda obj: obj[0])

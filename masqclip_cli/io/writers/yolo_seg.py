@@ -100,7 +100,7 @@ from masqclip_cli.structures import Segmentation
 
 from .base import ItemInfo, Writer, check_size, ranked_records
 
-__all__ = ["YoloSegWriter", "mask_rings"]
+__all__ = ["YoloSegWriter", "image_file_path", "mask_rings", "write_image_file"]
 
 #: Image extensions copied (or linked) as they are: read by Ultralytics (``IMG_FORMATS``) and supervision's
 #: ``from_yolo`` alike. Anything else is written as a PNG.
@@ -247,6 +247,14 @@ def _is_video(source: str | None) -> bool:
 # --- the writer -------------------------------------------------------------------------------------------------------
 
 
+def image_file_path(images_dir: Path, subset: str, item: ItemInfo) -> tuple[Path, bool]:
+    """Where the writers that lay images out beside their labels put ``item``'s image, and whether it is the source
+    file as is: ``images_dir/subset/<id>`` when the id's extension is copied (:data:`COPY_SUFFIXES`), else
+    ``images_dir/subset/<id>.png`` (a video frame, another extension: the decoded image)."""
+    as_is = Path(item.id).suffix.lower() in COPY_SUFFIXES and not _is_video(item.source)
+    return output_path(images_dir, subset, item.id, "" if as_is else ".png"), as_is
+
+
 def write_image_file(item: ItemInfo, path: Path, as_is: bool, image: np.ndarray | None, size: tuple[int, int],
                      mode: str, writer: str) -> None:
     """Put ``item``'s image at ``path``: the source file copied (``mode="copy"``) or linked (``"symlink"``) when
@@ -307,8 +315,7 @@ class YoloSegWriter(Writer):
         """(the image's path, whether it is the source as is): ``images/<split>/<id>`` when the id's extension is
         copied, else ``images/<split>/<id>.png`` (a video frame, another extension)."""
         assert self.root is not None
-        as_is = Path(item.id).suffix.lower() in COPY_SUFFIXES and not _is_video(item.source)
-        return output_path(self.root / "images", self.split, item.id, "" if as_is else ".png"), as_is
+        return image_file_path(self.root / "images", self.split, item)
 
     def _label_path(self, image: Path) -> Path:
         """Where Ultralytics reads the label of ``image`` (``img2label_paths``: the last ``/images/`` becomes
