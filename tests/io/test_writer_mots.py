@@ -195,12 +195,12 @@ def test_deterministic_and_records_from_json(tmp_path):
 
 
 def _trackeval():
+    """TrackEval as the project imports it (silenced; numpy aliases put back only for versions that need them)."""
+    from masqclip_cli.evaluation.tracking import _import_trackeval
+
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        trackeval = pytest.importorskip("trackeval")
-    for alias, value in {"float": float, "int": int, "bool": bool}.items():  # numpy 2 for pre-1.3.0 TrackEval copies
-        if not hasattr(np, alias):
-            setattr(np, alias, value)
-    return trackeval
+        pytest.importorskip("trackeval")
+    return _import_trackeval()
 
 
 def lay_out(root: Path, seq: str, gt_file: Path, tracker_file: Path, length: int) -> dict:
