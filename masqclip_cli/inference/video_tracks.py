@@ -112,68 +112,50 @@ class SequenceTracking:
         """``seg`` with track ids (see the module docstring); ``embeddings`` (Q, D) of the frame's queries."""
         tracker = self.trackers.setdefault(sequence, Tracker(self.config))
         h, w = (int(v) for v in seg.image_size)
-        instances = seg.instances
-        segments = seg.segments
-        # one row per object: key = query (or ("row", k) for a row without one)
-        keys: list[object] = []
-        masks: list[np.ndarray] = []
-        classes: list[int] = []
-        scores: list[float] = []
-        things: list[bool] = []
-        queries: list[int] = []
-        seen: dict[object, int] = {}
-        if instances is not None and len(instances):
-            order = np.argsort(-instances.score, kind="stable")
-            for k in order.tolist():
-                q = int(instances.query[k])
-                key: object = q if q >= 0 else ("instance", k)
-                if key in seen:
-                    continue
-                seen[key] = len(keys)
-                keys.append(key)
-                masks.append(np.asarray(instances.masks[k], bool))
-                classes.append(int(instances.class_id[k]))
-                scores.append(float(instances.score[k]))
-                things.append(True)
-                queries.append(q)
-        panoptic = seg.panoptic
-        if panoptic is not None and len(segments):
-            for k in range(len(segments)):
-                q = int(segments.query[k])
-                is_thing = bool(segments.isthing[k])
-                key = q if (is_thing and q >= 0) else ("segment", k)
-                if key in seen:
-                    continue
-                seen[key] = len(keys)
-                keys.append(key)
-                masks.append(panoptic == int(segments.id[k]))
-                classes.append(int(segments.class_id[k]))
-                scores.append(float(segments.score[k]))
-                things.append(is_thing)
-                queries.append(q if is_thing else -1)
-        mask_stack = np.stack(masks) if masks else np.zeros((0, h, w), bool)
+        instances, segments, panoptic = seg.instances, seg.segments, seg.panoptic
+        if panoptic is None:
+            segments = Segments()
+        # one object per query (a row without one is its own object): its instance rows and panoptic segment
+        inst_keys: list[object] = [] if instances is None else [
+            q if q >= 0 else ("instance", k) for k, q in enumerate(instances.query.tolist())]
+        seg_keys: list[object] = [
+            q if (thing and q >= 0) else ("segment", k)
+            for k, (q, thing) in enumerate(zip(segments.query.tolist(), segments.isthing.tolist()))]
+        # key -> (mask, class, score, is thing, query)
+        objects: dict[object, tuple[np.ndarray, int, float, bool, int]] = {}
+        for k in np.argsort(-instances.score, kind="stable").tolist() if inst_keys else ():
+            if inst_keys[k] not in objects:  # the best-scoring row of the query
+                objects[inst_keys[k]] = (np.asarray(instances.masks[k], bool), int(instances.class_id[k]),
+                                         float(instances.score[k]), True, int(instances.query[k]))
+        for k, key in enumerate(seg_keys):
+            if key not in objects:
+                thing = bool(segments.isthing[k])
+                objects[key] = (panoptic == int(segments.id[k]), int(segments.class_id[k]), float(segments.score[k]),
+                                thing, int(segments.query[k]) if thing else -1)
+        keys = list(objects)
+        masks, classes, scores, things, queries = (list(col) for col in zip(*objects.values())) if keys else (
+            [], [], [], [], [])
         emb = None
         if embeddings is not None and self.config.use_embeddings and keys:
             bank = np.asarray(embeddings, dtype=np.float32)
             if all(q >= 0 for q, t in zip(queries, things) if t):
                 emb = np.stack([bank[q] if q >= 0 else np.zeros(bank.shape[1], np.float32) for q in queries])
-        ids = tracker.update(frame, mask_stack, np.asarray(classes, np.int64), np.asarray(scores, np.float64),
-                             emb, np.asarray(things, bool))
-        track_of = {key: int(i) for key, i in zip(keys, ids.tolist())}
+        ids = tracker.update(frame, np.stack(masks) if masks else np.zeros((0, h, w), bool),
+                             np.asarray(classes, np.int64), np.asarray(scores, np.float64), emb,
+                             np.asarray(things, bool))
+        track_of = dict(zip(keys, ids.tolist()))
 
         new_instances = instances
-        if instances is not None and len(instances):
-            inst_ids = [track_of[q if q >= 0 else ("instance", k)] for k, q in enumerate(instances.query.tolist())]
-            new_instances = _with_ids(instances, np.asarray(inst_ids, np.int64))
-        new_panoptic, new_segments = panoptic, segments
-        if panoptic is not None and len(segments):
-            seg_ids = np.asarray([track_of[int(segments.query[k]) if (segments.isthing[k] and segments.query[k] >= 0)
-                                           else ("segment", k)] for k in range(len(segments))], np.int64)
-            new_panoptic = np.zeros_like(panoptic)
-            for old, new in zip(segments.id.tolist(), seg_ids.tolist()):
-                new_panoptic[panoptic == old] = new
-            relabelled = _with_ids(segments, seg_ids)
-            new_segments = relabelled[np.argsort(seg_ids, kind="stable")]
+        if inst_keys:
+            new_instances = _with_ids(instances, np.asarray([track_of[key] for key in inst_keys], np.int64))
+        new_panoptic, new_segments = seg.panoptic, seg.segments
+        if seg_keys:
+            seg_ids = np.asarray([track_of[key] for key in seg_keys], np.int64)
+            order = np.argsort(segments.id, kind="stable")  # relabel the map in one pass: old id -> track id
+            old_sorted = segments.id[order]
+            pos = np.minimum(np.searchsorted(old_sorted, panoptic), len(old_sorted) - 1)
+            new_panoptic = np.where(old_sorted[pos] == panoptic, seg_ids[order][pos], 0).astype(panoptic.dtype)
+            new_segments = _with_ids(segments, seg_ids)[np.argsort(seg_ids, kind="stable")]
         return Segmentation(seg.image_size, semantic=seg.semantic, panoptic=new_panoptic, segments=new_segments,
                             instances=new_instances, vocab=seg.vocab)
 
