@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from masqclip_cli.evaluation.tracking import evaluate_tracking, read_mots, write_mots
 from masqclip_cli.inference.tracking import TrackerConfig
+from masqclip_cli.io.files import STATE_DIR
 from masqclip_cli.vocab import Vocabulary, VocabularyError
 
 if TYPE_CHECKING:  # pragma: no cover - type hints only
@@ -63,7 +64,6 @@ __all__ = ["TRACK_MODES", "evaluate_video_model", "evaluate_video_run", "mode_of
 #: The tracking modes compared: no tracking (per-frame ids), the tracker without embeddings, the default tracker.
 TRACK_MODES: tuple[str, ...] = ("frame", "iou", "iou+embedding")
 
-_STATE_DIR = ".masqclip"
 _FRAME_FILE = re.compile(r"^(?P<video>.+)#(?P<frame>\d+)$")
 _CODECS = {
     "libx264": "H.264 (libx264, yuv420p, CRF 17)",
@@ -157,7 +157,7 @@ def _run_folders(run_dir: Path) -> list[Path]:
 
 def _read_run(folder: Path) -> _Run:
     fingerprint = None
-    run_json = folder / _STATE_DIR / "run.json"
+    run_json = folder / STATE_DIR / "run.json"
     if run_json.is_file():
         try:
             fingerprint = json.loads(run_json.read_text(encoding="utf-8"))
@@ -171,7 +171,7 @@ def _read_run(folder: Path) -> _Run:
     for path in sorted(mots.rglob("*.txt")):
         if path.is_file():
             run.files[path.relative_to(mots).as_posix()[: -len(".txt")]] = path
-    items = folder / _STATE_DIR / "items"
+    items = folder / STATE_DIR / "items"
     for path in sorted(items.rglob("*.json")) if items.is_dir() else ():
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -232,7 +232,7 @@ def _class_map(run: _Run, dataset: _Dataset) -> dict[int, int] | None:
     if run.fingerprint is None or "vocabulary" not in run.fingerprint:
         return None
     try:
-        vocab = Vocabulary.from_json(run.fingerprint["vocabulary"], source=str(run.folder / _STATE_DIR / "run.json"))
+        vocab = Vocabulary.from_json(run.fingerprint["vocabulary"], source=str(run.folder / STATE_DIR / "run.json"))
     except VocabularyError as err:
         raise ValueError(str(err)) from None
     return {cid: dataset.things.get(name, 0) for name, cid in zip(vocab.names, vocab.category_ids())}

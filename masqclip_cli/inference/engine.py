@@ -44,7 +44,7 @@ from masqclip_cli.inference.predictor import Predictor
 from masqclip_cli.inference.preprocess import prepare_image
 from masqclip_cli.inference.tracking import TrackerConfig
 from masqclip_cli.inference.video_tracks import SequenceTracking, TrackingOptions, sequence_name
-from masqclip_cli.io.files import atomic_write_text, dumps_json, remove_stale_temp_files
+from masqclip_cli.io.files import STATE_DIR, atomic_write_text, dumps_json, remove_stale_temp_files
 from masqclip_cli.io.run_lock import RunLock
 from masqclip_cli.io.sources import (
     DEFAULT_MAX_PIXELS,
@@ -75,7 +75,6 @@ __all__ = [
     "writer_view",
 ]
 
-STATE_DIR = ".masqclip"
 #: Written at the end of a run that finished (not interrupted, no I/O failure): what `merge` checks a shard by.
 COMPLETE_FILE = "complete.json"
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "STATE_DIR",
     "PNG_COMPRESS_LEVEL",
     "atomic_save_png",
     "atomic_symlink",
@@ -45,6 +46,9 @@ _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 # --- paths and atomic writes ---------------------------------------------------------------------------------------
 
+
+#: The folder under an output folder where a run keeps its state (fingerprint, records, results, lock).
+STATE_DIR = ".masqclip"
 
 def _id_parts(item_id: str) -> list[str]:
     """The path components of an item id: ``/`` and ``\\`` separate, empty and ``.`` parts are dropped (so an

@@ -52,6 +52,8 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
+from masqclip_cli.io.files import STATE_DIR
+
 try:  # POSIX
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -60,7 +62,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["LOCK_FILE", "LockHolder", "RunLock", "RunLockedError", "read_lock_holder"]
 
 #: The lock file, relative to the output folder.
-LOCK_FILE = Path(".masqclip", "lock")
+LOCK_FILE = Path(STATE_DIR, "lock")
 
 #: errno values of "this folder cannot be written by us" (the same set as :mod:`masqclip_cli.io.files` uses).
 _READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})

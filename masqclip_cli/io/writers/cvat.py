@@ -112,7 +112,7 @@ from typing import Any
 
 import numpy as np
 
-from masqclip_cli.io.files import atomic_save_png, atomic_symlink, atomic_write_chunks, output_path
+from masqclip_cli.io.files import STATE_DIR, atomic_save_png, atomic_symlink, atomic_write_chunks, output_path
 from masqclip_cli.structures import Segmentation
 from masqclip_cli.structures.masks import mask_to_polygons, round_score, segment_stats
 
@@ -124,7 +124,6 @@ SHAPES = ("mask", "polygon")
 HOLES = ("bridge", "fill")
 IMAGE_MODES = ("none", "copy", "link")
 #: Under ``--out``: the run's state folder (as the engine names it) and, in it, the sequences' scratch files.
-STATE_DIR = ".masqclip"
 TRACKS_SCRATCH_DIR = "cvat-tracks"
 #: Bytes of track shapes buffered in memory before they are appended to the scratch files.
 _SCRATCH_FLUSH = 1 << 20

@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 
 from masqclip_cli.io.files import (
+    STATE_DIR,
     atomic_save_png,
     atomic_write_bytes,
     atomic_write_chunks,
@@ -68,7 +69,6 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 #: The frame rate of a sequence video when the source's is unknown (an image sequence).
 DEFAULT_FPS = 25.0
 #: Under ``--out``: the run's state folder (as the engine names it), and in it the frames and the encoder's work.
-STATE_DIR = ".masqclip"
 FRAMES_DIR = "overlay-frames"
 ENCODE_DIR = "overlay-encode"
 #: Encoder threads: fixed, so the video's bytes do not depend on the machine (x264 / mpeg4 output depends on it).
