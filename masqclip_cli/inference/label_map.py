@@ -42,7 +42,7 @@ import numpy as np
 
 from masqclip_cli.structures import Segmentation, Segments
 from masqclip_cli.structures.masks import mask_bbox
-from masqclip_cli.vocab import VocabClass, Vocabulary, VocabularyError
+from masqclip_cli.vocab import VocabClass, Vocabulary, VocabularyError, _read_text_file
 
 __all__ = ["LABEL_MAP_SUFFIXES", "LabelMap", "LabelMapError", "LabelRule", "MappedVocabulary"]
 
@@ -559,22 +559,11 @@ def _parse_rows(text: str, delimiter: str, source: str) -> list[tuple[int, list[
 
 
 def _read_text(path: Path) -> str:
-    """A UTF-8 text file (a BOM is allowed); any failure is a LabelMapError naming it."""
-    source = str(path)
-    if path.is_dir():
-        raise LabelMapError("is a directory, not a label map file", source)
+    """A UTF-8 text file (a BOM is allowed); any failure is a LabelMapError naming it (the vocabulary's reader)."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise LabelMapError("no such label map file", source) from None
-    except OSError as e:
-        raise LabelMapError(f"cannot read label map file: {e.strerror or e}", source) from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise LabelMapError(f"not UTF-8 text (byte 0x{data[e.start:e.start + 1].hex()} at offset {e.start})",
-                            source, line) from None
+        return _read_text_file(path, what="label map file")
+    except VocabularyError as exc:
+        raise LabelMapError(exc.problem, str(path), exc.line) from None
 
 
 def _json_type(value: Any) -> str:
