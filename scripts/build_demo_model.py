@@ -41,11 +41,16 @@ class Preset:
     """Sizes and schedules of a recipe run."""
 
     image_size: int = 128
-    train_images: int = 600
+    train_images: int = 1500
     val_images: int = 150
-    clip_images: int = 600
+    clip_images: int = 2400
+    clip_val_images: int = 200
     clip_seconds: float | None = None  # a wall-clock budget makes the CLIP depend on the machine's load: off
-    clip_steps: int | None = 160
+    clip_steps: int | None = 1500
+    clip_lr: float = 1e-3
+    clip_eval_every: int = 100
+    clip_patience: int | None = 4
+    clip_checkpoint_every: int = 50
     proposals: str = "demo"
     batch_size: int = 8
     teacher_iterations: int = 2500
@@ -53,8 +58,11 @@ class Preset:
     distill_iterations: int = 300
     distill_lr: float = 1e-4
     rounds: int = 2
-    masq_iterations: int = 600
-    masq_lr: float = 1e-3
+    masq_iterations: int = 1200  # the longest MasQ-tuning tried; the length is chosen on the recipe validation split
+    masq_lr: float = 1e-4  # the official recipe's (constant: lr_steps [] so that the candidates are one run's prefixes)
+    masq_eval_every: int = 200  # candidate lengths: every this many iterations up to masq_iterations
+    recipe_val_images: int = 100  # the recipe's validation split (seed 5): MasQ-tuning's length is chosen on it
+    masq_untuned_candidate: bool = True  # 0 iterations (f_Q' = f_Q) competes too; the ci preset checks tuning itself
     num_points: int = 1024
     eval_limit: int | None = None
     sample_scenes: int = 6
@@ -63,12 +71,15 @@ class Preset:
 
 PRESETS = {
     "full": Preset(),
-    "ci": Preset(image_size=64, train_images=24, val_images=24, clip_images=60, clip_steps=10,
+    "ci": Preset(image_size=64, train_images=24, val_images=24, clip_images=60, clip_val_images=12, clip_steps=10,
+                 clip_eval_every=0, clip_patience=None, clip_checkpoint_every=5,
                  proposals="tiny", batch_size=4, teacher_iterations=150, teacher_lr=1e-3, distill_iterations=4,
-                 rounds=2, masq_iterations=300, masq_lr=1e-3, num_points=256, sample_scenes=2),
+                 rounds=2, masq_iterations=300, masq_lr=1e-3, masq_eval_every=300, recipe_val_images=12,
+                 masq_untuned_candidate=False,
+                 num_points=256, sample_scenes=2),
 }
 
-SEEDS = {"train": 0, "val": 1, "clip": 2, "samples": 3}
+SEEDS = {"train": 0, "val": 1, "clip": 2, "samples": 3, "clip_val": 4, "recipe_val": 5}
 
 
 def log(message: str) -> None:
@@ -124,7 +135,10 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
     log("drawing the synthetic worlds")
     _synth(world, "train", preset.train_images, preset.image_size, base_only=True, crops=False)
     _synth(world, "val", preset.val_images, preset.image_size, base_only=False, crops=True)
+    _synth(world, "recipe_val", preset.recipe_val_images, preset.image_size, base_only=False, crops=False)
     shapes_clip.ensure_split(clip_dir, "clip", preset.clip_images, SEEDS["clip"],
+                             size=(preset.image_size, preset.image_size))
+    shapes_clip.ensure_split(clip_dir, "clip_val", preset.clip_val_images, SEEDS["clip_val"],
                              size=(preset.image_size, preset.image_size))
     timings["data"] = time.perf_counter() - t
 
@@ -134,12 +148,24 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
     clip_config = dict(shapes_clip.SHAPES_CLIP_CONFIG)
     if not clip_file.exists():
         log("training the shapes CLIP")
-        data = shapes_clip.load_split(clip_dir, "clip", clip_config["vision_cfg"]["image_size"])
-        cfg = shapes_clip.TrainConfig(steps=preset.clip_steps, time_budget=preset.clip_seconds, seed=0)
-        model, spec, record = shapes_clip.train_clip(data, clip_config, cfg, log=log)
+        resolution = clip_config["vision_cfg"]["image_size"]
+        data = shapes_clip.load_split(clip_dir, "clip", resolution)
+        # The CLIP's own validation split (seed 4) picks its training length: never the reported held-out split.
+        clip_val = shapes_clip.load_split(clip_dir, "clip_val", resolution, scenes=False)
+        cfg = shapes_clip.TrainConfig(steps=preset.clip_steps, time_budget=preset.clip_seconds, seed=0,
+                                      lr=preset.clip_lr, eval_every=preset.clip_eval_every,
+                                      patience=preset.clip_patience, checkpoint_every=preset.clip_checkpoint_every)
+
+        def validate(model: Any, spec: Any) -> float:
+            bare = shapes_clip.zero_shot_eval(model, spec, clip_val, templates={"bare": "{}"})["bare"]
+            return (bare["accuracy"] + bare["novel"]) / 2  # all and novel weigh alike: both have a target
+
+        model, spec, record = shapes_clip.train_clip(data, clip_config, cfg, log=log, validate=validate,
+                                                     checkpoint=work / "shapes-clip.checkpoint.pt")
         shapes_clip.save_clip(model, clip_config, clip_file)
-        held_out = shapes_clip.load_split(world, "val", clip_config["vision_cfg"]["image_size"], scenes=False)
+        held_out = shapes_clip.load_split(world, "val", resolution, scenes=False)
         report["clip"] = {"training": {k: v for k, v in record.items() if k != "curve"},
+                          "zero_shot_on_validation_crops": shapes_clip.zero_shot_eval(model, spec, clip_val),
                           "zero_shot_on_held_out_crops": shapes_clip.zero_shot_eval(model, spec, held_out)}
         (work / "clip-report.json").write_text(json.dumps(report["clip"], indent=1, default=str))
     else:
@@ -173,9 +199,7 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
     # --- 5. MasQ-tuning
     t = time.perf_counter()
     log("stage 3: MasQ-tuning")
-    report["masq"] = _train_stage("masq", {
-        **common, "out": str(work / "masq"), "init": report["distill"]["final"], "tune": "q",
-        "iterations": preset.masq_iterations, "lr": preset.masq_lr})
+    report["masq"] = _masq_tuning(preset, common, work, report["distill"]["final"])
     timings["masq"] = time.perf_counter() - t
 
     # --- 6. evaluation
@@ -244,6 +268,66 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
     return report
 
 
+def _masq_tuning(preset: Preset, common: dict[str, Any], work: Path, init: str) -> dict[str, Any]:
+    """MasQ-tuning at a constant learning rate, its length chosen on the recipe validation split (seed 5).
+
+    One run is trained in segments of ``masq_eval_every`` iterations (each resumes the last one's checkpoint, so the
+    segments are one run's prefixes); after each, a copy of the model is scored by mask-label accuracy on the
+    recipe validation split -- the mean of base and novel, so that tuning may not trade novel classes for base ones
+    -- and the best length, the untuned model (0 iterations) included, is the stage's result.
+    """
+    from masqclip_cli.data.datasets import load_dataset
+    from masqclip_cli.evaluation.labels import mask_label_accuracy
+    from masqclip_cli.modeling.factory import load_model
+
+    recipe_val = load_dataset("synthetic", common["root"], split="recipe_val")
+    folder = work / "masq"
+    selection_file = work / "masq-selection.json"
+    selection: dict[str, Any] = json.loads(selection_file.read_text()) if selection_file.exists() else {}
+
+    def score(model_file: Path, key: str) -> dict[str, Any]:
+        if key not in selection:
+            accuracy = mask_label_accuracy(_round_to_half(load_model(model_file)), recipe_val)
+            selection[key] = {"file": str(model_file), "accuracy": accuracy,
+                              "score": _mean([accuracy.get("base"), accuracy.get("novel")])}
+            selection_file.write_text(json.dumps(selection, indent=1))
+            log(f"MasQ-tuning {key} iterations: validation mask-label accuracy base "
+                f"{_v(accuracy.get('base'))} novel {_v(accuracy.get('novel'))}")
+        return selection[key]
+
+    score(Path(init), "0")
+    runs: list[dict[str, Any]] = []
+    lengths = list(range(preset.masq_eval_every, preset.masq_iterations + 1, preset.masq_eval_every))
+    for iterations in lengths:
+        run = _train_stage("masq", {**common, "out": str(folder), "init": init, "tune": "q", "lr_steps": [],
+                                    "iterations": iterations, "lr": preset.masq_lr})
+        runs.append(run)
+        snapshot = folder / f"after-{iterations}.safetensors"
+        if not snapshot.exists():
+            shutil.copyfile(run["final"], snapshot.with_name(snapshot.name + ".tmp"))
+            os.replace(snapshot.with_name(snapshot.name + ".tmp"), snapshot)
+        score(snapshot, str(iterations))
+    candidates = [k for k in selection if k != "0" or preset.masq_untuned_candidate]
+    best = max(candidates, key=lambda k: (selection[k]["score"] if selection[k]["score"] is not None else -1, -int(k)))
+    result = {
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "iterations_run": sum(r["iterations_run"] for r in runs),
+        "seconds_per_iteration": runs[-1]["seconds_per_iteration"] if runs else None,
+        "last_losses": runs[-1]["last_losses"] if runs else None,
+        "evaluations": [],
+        "chosen_iterations": int(best),
+        "final": selection[best]["file"],
+        "selection": {k: {"accuracy": v["accuracy"], "score": v["score"]} for k, v in selection.items()},
+    }
+    log(f"MasQ-tuning: {best} iterations chosen on the recipe validation split")
+    return result
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def _round_to_half(model: Any) -> Any:
     """Round every floating-point parameter and buffer of ``model`` to the nearest float16 value (kept float32)."""
     import torch
@@ -300,17 +384,29 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
         f"{p['clip_images']} scenes whose object crops and scene captions name every category, base and novel.",
         f"2. **Shapes CLIP** (the role of CLIP's web pre-training): open_clip's own `CLIP` class from a small config "
         f"(ViT 64 px / patch 8, 3-layer text tower, open_clip's BPE tokenizer), contrastive, {clip_train['steps']} "
-        f"steps of batch {clip_train['batch_size']} ({clip_train['seconds']:.0f} s). Zero-shot accuracy on held-out "
-        f"crops with bare names: {100 * zs['bare']['accuracy']:.1f} % (base {100 * zs['bare']['base']:.1f}, novel "
-        f"{100 * zs['bare']['novel']:.1f}; chance {100 * zs['chance']:.0f} %).",
+        f"steps of batch {clip_train['batch_size']} ({clip_train['seconds']:.0f} s)"
+        + (f"; the step kept ({clip_train['best_step']}) is the best on the CLIP's own validation split "
+           f"({p.get('clip_val_images')} scenes, seed {report['seeds'].get('clip_val')}: mean of all and novel "
+           "bare-name accuracy, scored every "
+           f"{p.get('clip_eval_every')} steps)" if clip_train.get("best_step") is not None else "")
+        + f". Zero-shot accuracy on held-out crops with bare names: {100 * zs['bare']['accuracy']:.1f} % (base "
+        f"{100 * zs['bare']['base']:.1f}, novel {100 * zs['bare']['novel']:.1f}; chance {100 * zs['chance']:.0f} %).",
         f"3. **Teacher** (`masqclip train proposals`, geometry `{p['proposals']}`): {p['teacher_iterations']} "
         f"iterations, batch {p['batch_size']}, lr {p['teacher_lr']}, {p['num_points']} points, base classes only.",
         f"4. **Progressive distillation** (`masqclip train distill`): {p['rounds']} rounds of "
         f"{p['distill_iterations']} iterations at lr {p['distill_lr']}; pseudo-masks per image per logged window: "
         f"{report['distill']['pseudo_masks_per_image']}.",
-        f"5. **MasQ-tuning** (`masqclip train masq --tune q`): {p['masq_iterations']} iterations at lr "
-        f"{p['masq_lr']} on the base classes; only f_Q' (and the mask position embedding) train.",
+        f"5. **MasQ-tuning** (`masqclip train masq --tune q`): "
+        f"{report['masq'].get('chosen_iterations', p['masq_iterations'])} iterations at lr {p['masq_lr']} on the "
+        "base classes; only f_Q' (and the mask position embedding) train"
+        + (f". The length was chosen on the recipe validation split ({p.get('recipe_val_images')} scenes, seed "
+           f"{report['seeds'].get('recipe_val')}) by the mean of base and novel mask-label accuracy, among "
+           "0 (untuned) to "
+           f"{p['masq_iterations']} iterations in steps of {p.get('masq_eval_every')} (table below)."
+           if report["masq"].get("selection") else "."),
         "",
+        *_selection_table(report["masq"].get("selection")),
+        *_confusion_table(zs["bare"].get("confusion_matrix")),
         "## Quality on the held-out split",
         "",
         "```bash",
@@ -360,6 +456,34 @@ def write_docs(report: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _selection_table(selection: dict[str, Any] | None) -> list[str]:
+    """Markdown rows: validation mask-label accuracy per MasQ-tuning length."""
+    if not selection:
+        return []
+    rows = ["MasQ-tuning length on the recipe validation split (mask-label accuracy, percent):", "",
+            "| iterations | base | novel | mean (the choice) | labelled queries |", "|---|---|---|---|---|"]
+    for key in sorted(selection, key=int):
+        a = selection[key]["accuracy"]
+        rows.append(f"| {key} | {_v(a.get('base'))} | {_v(a.get('novel'))} | {_v(selection[key]['score'])} | "
+                    f"{a['labelled'].get('all', 0)} |")
+    return [*rows, ""]
+
+
+def _confusion_table(matrix: dict[str, dict[str, int]] | None) -> list[str]:
+    """Markdown rows: the shapes CLIP's bare-name confusions on the held-out crops (true class per row)."""
+    if not matrix:
+        return []
+    rows = ["The shapes CLIP on the held-out crops with bare names: per true class, the share named right and its "
+            "most common wrong names (counts):", "", "| class | crops | right | most common wrong names |",
+            "|---|---|---|---|"]
+    for name, row in matrix.items():
+        total = sum(row.values())
+        wrong = sorted(((c, q) for q, c in row.items() if q != name), reverse=True)[:3]
+        rows.append(f"| {name} | {total} | {100 * row.get(name, 0) / total:.1f} % | "
+                    + (", ".join(f"{q} {c}" for c, q in wrong) or "–") + " |")
+    return [*rows, ""]
 
 
 def _public(report: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -261,6 +262,11 @@ class TrainConfig:
         crop_zoom: smallest area fraction of the random zoom of crops (1 = none).
         flip: random horizontal flips.
         log_every: loss curve points (and log lines) every this many steps.
+        eval_every: with a ``validate`` callback, score the model every this many steps (and at the end); the
+            returned model is the best-scoring one (0: never; the last step's model is returned).
+        patience: stop when this many validations in a row did not beat the best score (None: run all steps).
+        checkpoint_every: with a ``checkpoint`` path, save the whole training state (model, optimiser, random
+            generator, data order, curve, best model) every this many steps, so that a killed run resumes there.
     """
 
     steps: int | None = None
@@ -278,6 +284,9 @@ class TrainConfig:
     flip: bool = True
     log_every: int = 10
     variant_weights: tuple[float, ...] = field(default=(0.4, 0.2, 0.2, 0.2))
+    eval_every: int = 0
+    patience: int | None = None
+    checkpoint_every: int = 0
 
 
 def _lr_at(progress: float, cfg: TrainConfig) -> float:
@@ -352,12 +361,23 @@ def train_clip(
     clip_config: dict[str, Any] | None = None,
     cfg: TrainConfig | None = None,
     log: Callable[[str], None] | None = None,
+    validate: Callable[[nn.Module, Any], float] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Train a CLIP contrastively on ``data``.
 
+    Args:
+        validate: scores a model in eval mode, given it and its spec (higher is better), called every
+            ``cfg.eval_every`` steps and at the end; the best-scoring model is returned (the validation curve and
+            the chosen step go into the record).
+        checkpoint: a file for the whole training state, written atomically every ``cfg.checkpoint_every`` steps;
+            when it exists at the start, training resumes from it (same data and config: the result equals an
+            uninterrupted run's), and it is removed when training ends.
+
     Returns:
         (model in eval mode, its ClipSpec from :func:`create_open_clip`, a training record: steps, loss curve
-        ``[{"step", "loss", "lr", "logit_scale", "seconds"}]``, first/last losses, items seen, seconds).
+        ``[{"step", "loss", "lr", "logit_scale", "seconds"}]``, first/last losses, items seen, seconds, and with
+        ``validate`` the validation curve ``[{"step", "score"}]`` and ``best_step``).
     """
     clip_config = copy.deepcopy(clip_config or SHAPES_CLIP_CONFIG)
     cfg = cfg or TrainConfig()
@@ -381,14 +401,57 @@ def train_clip(
 
     curve: list[dict[str, Any]] = []
     losses: list[float] = []
+    validation: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": None, "step": 0, "state": None}
     order = torch.randperm(n, generator=gen)
     cursor = 0
-    start = time.perf_counter()
     step = 0
+    spent = 0.0  # training seconds of earlier sittings (a resumed run)
     window: list[float] = []
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["items"] != n or state["total"] != total or state["train_config"] != asdict(cfg):
+            raise ValueError(f"{checkpoint}: a checkpoint of another CLIP training run (other data or config); "
+                             "delete it to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        order, cursor, step, spent = state["order"], state["cursor"], state["step"], state["seconds"]
+        curve, losses, validation, best, window = (state["curve"], state["losses"], state["validation"],
+                                                   state["best"], state["window"])
+        if log:
+            log(f"resumed CLIP training at step {step}/{total} from {checkpoint}")
+
+    def save_checkpoint() -> None:
+        state = {"items": n, "total": total, "train_config": asdict(cfg), "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "generator": gen.get_state(), "order": order, "cursor": cursor,
+                 "step": step, "seconds": spent + time.perf_counter() - start, "curve": curve, "losses": losses,
+                 "validation": validation, "best": best, "window": window}
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, checkpoint)
+
+    def run_validation() -> bool:
+        """Score the model now; True when it is the best so far."""
+        model.eval()
+        score = float(validate(model, spec))
+        model.train()
+        validation.append({"step": step, "score": round(score, 5)})
+        improved = best["score"] is None or score > best["score"]
+        if improved:
+            best.update(score=score, step=step,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        if log:
+            log(f"validation at step {step}: {score:.4f} (best {best['score']:.4f} at step {best['step']})")
+        return improved
+
+    start = time.perf_counter()
     stopped_by_budget = False
+    stopped_by_patience = False
+    lr = _lr_at(min(1.0, (step + 1) / total), cfg)
     while step < total:
-        elapsed = time.perf_counter() - start
+        elapsed = spent + time.perf_counter() - start
         if cfg.time_budget is not None and elapsed >= cfg.time_budget:
             stopped_by_budget = True
             if log:
@@ -432,7 +495,7 @@ def train_clip(
         losses.append(value)
         window.append(value)
         step += 1
-        elapsed = time.perf_counter() - start
+        elapsed = spent + time.perf_counter() - start
         if step % cfg.log_every == 0 or step == total or step == 1:
             point = {"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
                      "logit_scale": round(float(model.logit_scale.detach().exp()), 3), "seconds": round(elapsed, 2)}
@@ -441,12 +504,29 @@ def train_clip(
             if log:
                 log(f"step {step}/{total} loss {point['loss']:.4f} lr {lr:.2e} "
                     f"scale {point['logit_scale']:.1f} {elapsed:.0f}s")
+        if validate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            run_validation()
+            if cfg.patience is not None and step - best["step"] >= cfg.patience * cfg.eval_every:
+                stopped_by_patience = True
+                if log:
+                    log(f"validation has not improved for {cfg.patience} evaluations: stopping at step {step}")
+                break
+        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save_checkpoint()
     if window:
         curve.append({"step": step, "loss": round(sum(window) / len(window), 5), "lr": lr,
                       "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
-                      "seconds": round(time.perf_counter() - start, 2)})
-    seconds = time.perf_counter() - start
+                      "seconds": round(spent + time.perf_counter() - start, 2)})
+    if validate is not None and (not validation or validation[-1]["step"] != step):
+        run_validation()
+    seconds = spent + time.perf_counter() - start
+    chosen = step
+    if validate is not None and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        chosen = best["step"]
     model.eval()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     k = max(1, min(10, len(losses) // 5))
     record = {
         "steps": step,
@@ -458,6 +538,7 @@ def train_clip(
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(1, step), 4),
         "stopped_by_time_budget": stopped_by_budget,
+        "stopped_by_patience": stopped_by_patience,
         "loss_first": round(sum(losses[:k]) / k, 5),
         "loss_last": round(sum(losses[-k:]) / k, 5),
         "loss_chance": round(math.log(batch), 5),
@@ -465,6 +546,9 @@ def train_clip(
         "loss_curve": curve,
         "train_config": {**asdict(cfg), "variant_weights": list(cfg.variant_weights)},
     }
+    if validate is not None:
+        record.update(validation_curve=validation, best_step=chosen,
+                      best_score=None if best["score"] is None else round(best["score"], 5))
     return model, spec, record
 
 
@@ -500,7 +584,8 @@ def zero_shot_eval(
     """Zero-shot classification of the crops of ``data`` among all categories, per prompt set.
 
     Returns ``{prompt set: {"template", "accuracy", "base", "novel", "things", "stuff", "per_category",
-    "confusions"}, "chance": 1/20, "crops": n, "scenes": {...}}``; with scenes in ``data`` also the mean, over
+    "confusions" (the 8 most common), "confusion_matrix" ({true: {predicted: count}})}, "chance": 1/20, "crops": n,
+    "scenes": {...}}``; with scenes in ``data`` also the mean, over
     scenes, of the fraction of the categories its caption names that rank within the top k (k = their count).
     """
     templates = templates or EVAL_TEMPLATES
@@ -534,6 +619,11 @@ def zero_shot_eval(
                 label = f"{CATEGORY_NAMES[t]} -> {CATEGORY_NAMES[p]}"
                 pairs[label] = pairs.get(label, 0) + 1
             entry["confusions"] = dict(sorted(pairs.items(), key=lambda kv: -kv[1])[:8])
+            matrix = torch.zeros(len(CATEGORY_NAMES), len(CATEGORY_NAMES), dtype=torch.long)
+            matrix.index_put_((truth, pred), torch.ones_like(truth), accumulate=True)
+            entry["confusion_matrix"] = {CATEGORY_NAMES[t]: {CATEGORY_NAMES[q]: int(c) for q, c in enumerate(row)
+                                                            if c} for t, row in enumerate(matrix.tolist())
+                                         if sum(row)}
         if scene_features is not None:
             scores = scene_features @ text_features.t()
             recalls = []

@@ -74,6 +74,65 @@ def test_training_is_seeded(trained):
         assert torch.equal(x, y), name
 
 
+def test_killed_training_resumes_to_the_same_model_and_validation_picks_the_best_step(trained, tmp_path):
+    data = trained[0]
+    cfg = TrainConfig(steps=8, batch_size=32, lr=3e-3, seed=2, eval_every=2, checkpoint_every=3, log_every=2)
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.6, 0.0, 0.2, 0.1])  # validations at steps 2, 4 (best), 6, 8
+
+    def validate(model, spec):
+        assert not model.training
+        return next(scores)
+
+    whole, _, record = train_clip(data, copy.deepcopy(TINY_CFG), cfg, validate=validate)
+    assert [v["step"] for v in record["validation_curve"]] == [2, 4, 6, 8]
+    assert record["best_step"] == 4 and record["best_score"] == 0.5
+    # the returned model is the step-4 model: a plain 4-step run of the same schedule (no validation) gives it
+    plain = TrainConfig(steps=8, batch_size=32, lr=3e-3, seed=2, log_every=2)
+    killed = tmp_path / "ckpt.pt"
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def dies_at_step_4(model, spec):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second validation (step 4) comes after the step-3 checkpoint: the process "dies"
+            raise Killed
+        return 0.0
+
+    with pytest.raises(Killed):
+        train_clip(data, copy.deepcopy(TINY_CFG), cfg, validate=dies_at_step_4, checkpoint=killed)
+    assert killed.is_file()
+    saved_step = torch.load(killed, weights_only=False)["step"]
+    assert saved_step == 3
+    scores = iter([0.1, 0.5, 0.3, 0.2])  # the resumed run re-validates from step 4 on: step 2 was in the checkpoint
+
+    def validate_resumed(model, spec):
+        return next(scores)
+
+    resumed, _, record2 = train_clip(data, copy.deepcopy(TINY_CFG), cfg, validate=validate_resumed,
+                                     checkpoint=killed)
+    assert not killed.exists()  # removed once training ended
+    assert [v["step"] for v in record2["validation_curve"]] == [2, 4, 6, 8]
+    assert record2["best_step"] == 6  # step 2 scored 0.0 in the killed run, then 0.1 (4), 0.5 (6), 0.3 (8)
+    assert [p["loss"] for p in record2["loss_curve"]] == [p["loss"] for p in record["loss_curve"]]
+    # and the uninterrupted run's final model equals the resumed run's final model, step for step
+    last_whole, _, _ = train_clip(data, copy.deepcopy(TINY_CFG), plain)
+    scores = iter([0.0, 0.0, 0.0, 1.0])  # best = the last step
+
+    def last_is_best(model, spec):
+        return next(scores)
+
+    last_resumable, _, _ = train_clip(data, copy.deepcopy(TINY_CFG), cfg, validate=last_is_best)
+    for (name, x), (_, y) in zip(last_whole.state_dict().items(), last_resumable.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(ValueError, match="another CLIP training run"):
+        torch.save({"items": 1, "total": 8, "train_config": {}}, killed)
+        train_clip(data, copy.deepcopy(TINY_CFG), cfg, checkpoint=killed)
+    del whole, resumed
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_saved_file_loads_through_create_open_clip(trained, tmp_path, suffix):
     _, model, spec, _ = trained
