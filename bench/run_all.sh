@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark suite on this CPU (fp32, 2 threads, random weights); results in bench/results/*.json.
-# About 35-45 minutes on the project's 2-core machine -- keep the machine otherwise idle: other work on the two
+# About 45-55 minutes on the project's 2-core machine -- keep the machine otherwise idle: other work on the two
 # cores slows 2-thread torch badly (every result file records the load average).
 #
 #     bash bench/run_all.sh            # everything
@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's masqclip_
 if [[ "${1:-}" == "--smoke" ]]; then
     out=$(mktemp -d)
     export MASQCLIP_CACHE_DIR="$out/cache"
-    for script in masq_overhead model_stages crop_classify vocab_scale streaming_memory segment_e2e train_step video_tracking; do
+    for script in masq_overhead model_stages crop_classify vocab_scale streaming_memory segment_e2e train_step video_tracking ray_overhead gpu; do
         echo "== $script (smoke)"
         python "bench/$script.py" --smoke --out "$out/$script.json"
     done
@@ -30,4 +30,6 @@ step python bench/streaming_memory.py --counts 200,2000                         
 step python bench/video_tracking.py                                                        # ~4 min
 step python bench/segment_e2e.py --models tiny-random,full-random,demo                     # ~4 min
 step python bench/train_step.py --geometries tiny,full --iterations 3                      # ~10 min
+step python bench/ray_overhead.py --models tiny-random,demo --counts 24,48                  # ~8 min (needs masqclip[ray])
+# bench/gpu.py needs a CUDA device: not part of this CPU suite (its docstring has the command for a GPU machine)
 echo; echo "done ($(date +%H:%M:%S)): bench/results/*.json"

@@ -456,6 +456,23 @@ def segment_command(
     writer_option: list[str] = typer.Option([], "--option", help="A format's option as key=value (repeatable), "
                                             "e.g. cvat_shapes=polygon, labelme_shapes=mask, yolo_images=symlink, "
                                             "voc_objects=things; see docs/formats.md."),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (the first "
+                                  "batches of each image size are slow while it compiles; outputs equal eager "
+                                  "within float rounding). If compiling fails: a warning and the eager path."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Image decoding threads (default: min(4, "
+                                       "CPUs)). Outputs and their order do not depend on it."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray: decode tasks and a pool of "
+                               "model workers on a Ray cluster (pip install 'masqclip[ray]'; images only; --out must "
+                               "be a folder every node sees). Same outputs, resume and fingerprint either way."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="--engine ray: the cluster (auto: the one "
+                                           "`ray start` made; ray://host:10001). Default: $RAY_ADDRESS, else a Ray "
+                                           "instance started for this run."),
+    ray_workers: str = typer.Option("1", "--ray-workers", help="--engine ray: model workers, N or MIN-MAX "
+                                    "(autoscaling between them)."),
+    ray_gpus_per_worker: float = typer.Option(0.0, "--ray-gpus-per-worker", min=0, help="--engine ray: GPUs per "
+                                              "model worker (a fraction shares a GPU; 0: CPU workers)."),
+    ray_cpus_per_worker: float = typer.Option(1.0, "--ray-cpus-per-worker", min=0, help="--engine ray: CPUs per "
+                                              "model worker (also its torch threads, unless --threads)."),
 ) -> None:
     """Segment images, folders, lists and videos; write COCO JSON, panoptic PNGs, label maps, overlays or JSONL.
 
@@ -482,7 +499,10 @@ def segment_command(
         raise fail(f"--format {name} needs --task {' or '.join(absent)} (add it to --task)")
     _check_numbers(object_threshold=object_threshold, overlap_threshold=overlap_threshold, topk=topk,
                    short_side=short_side, max_size=max_size)
-    picked_device = _check_device(device)
+    ray_options = _ray_options(engine, source, out, track, sequence, device, ray_address, ray_workers,
+                               ray_gpus_per_worker, ray_cpus_per_worker)
+    # under Ray the model runs on the workers: the device is theirs (the driver reads the model on its CPU)
+    picked_device = _check_device(device) if ray_options is None else "cpu"
     writer_options = _writer_options(writer_option, palette=palette or None, ls_regions=ls_regions,
                                      ls_image_root=image_root, coco_masks=coco_masks, coco_layout=layout)
     controls = _preannotation(min_score, min_area, max_per_image, one_label_per_mask)
@@ -516,6 +536,11 @@ def segment_command(
     except (ModelNotAvailableError, ModelFileError, WeightsNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     net.use_object_score = not no_object_score
+    if compile_:
+        from masqclip_cli.modeling.runtime import compile_model
+
+        compile_model(net, on_fallback=lambda message: err.print(f"warning: {message}", highlight=False,
+                                                                 soft_wrap=True))
     own_size = test_size_of(net)
     short_side = short_side if short_side is not None else own_size["short_side"]
     max_size = max_size if max_size is not None else own_size["max_size"]
@@ -526,6 +551,9 @@ def segment_command(
         _check_label_map(label_map, vocabulary)
         _check_labels_ids(formats, label_map, vocabulary)
         _warn_no_things(vocabulary, tasks, instance_keep_stuff)
+    elif ray_options is not None:  # each worker encodes it as below (cached); the driver needs no text bank
+        if net.text_encoder is None:
+            raise fail(f"model '{model}' has no text tower: it can only use the vocabulary stored with it")
     else:
         try:
             net.set_vocabulary(vocabulary, templates=template_list, cache=TextEmbeddingCache(),
@@ -544,6 +572,8 @@ def segment_command(
         preannotation=controls,
         label_map=label_map,
         max_pixels=max_pixels or None,
+        workers=workers,
+        compile=compile_,
         tracking=TrackingOptions(track=track, sequence=sequence,
                                  config=TrackerConfig(max_gap=track_max_gap, use_embeddings=track_embeddings)),
     )
@@ -561,13 +591,69 @@ def segment_command(
 
     try:
         with progress:
-            summary = segment(net, vocabulary, source, out, options, model_id, templates=template_list,
-                              precision=precision, on_item=on_item, stdin=sys.stdin)
+            if ray_options is not None:
+                from masqclip_cli.inference.ray_engine import ModelSpec, RayEngineError, segment_ray
+
+                spec = ModelSpec(source=str(Path(model).resolve()) if Path(model).exists() else model,
+                                 device=device.strip().lower(), precision=precision,
+                                 use_object_score=net.use_object_score,
+                                 vocabulary=None if vocab is None else vocabulary,
+                                 templates=None if template_list is None else tuple(template_list), threads=threads)
+                del net  # the workers load their own
+                try:
+                    summary = segment_ray(spec, vocabulary, source, out, options, model_id, ray_options,
+                                          on_item=on_item, stdin=sys.stdin)
+                except RayEngineError as exc:
+                    raise fail(f"--engine ray: {exc}") from None
+            else:
+                summary = segment(net, vocabulary, source, out, options, model_id, templates=template_list,
+                                  precision=precision, on_item=on_item, stdin=sys.stdin)
     except (FingerprintMismatchError, SourceError, RunLockedError) as exc:
         raise fail(str(exc).replace("overwrite=True replaces them; or use another output folder",
                                     "use --overwrite to replace them, or another --out")) from None
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
+
+
+def _ray_options(engine: str, source: str, out: Path | None, track: bool | None, sequence: bool, device: str,
+                 address: str | None, workers: str, gpus: float, cpus: float) -> Any:
+    """The Ray engine's options (None for ``--engine local``), checked before the model loads: exit 2 with one line
+    for Ray missing, a run it does not do, or a bad value."""
+    name = engine.strip().lower()
+    if name == "local":
+        return None
+    if name != "ray":
+        raise fail(f"--engine: use local or ray, got {engine!r}")
+    from masqclip_cli.inference.ray_engine import RayNotInstalledError, RayOptions, parse_workers, require_ray
+    from masqclip_cli.io.sources import SourceError, spec_kind
+
+    try:
+        require_ray()
+    except RayNotInstalledError:
+        raise fail("--engine ray needs Ray: pip install 'masqclip\\[ray]'") from None  # \[: not rich markup
+    if out is None:
+        raise fail("--engine ray needs --out (a folder every node of the cluster sees)")
+    try:
+        video = spec_kind(source) == "video"
+    except SourceError as exc:  # as the local engine reports it
+        raise fail(str(exc)) from None
+    if sequence or track or video:
+        raise fail("--engine ray runs images only: tracked sequences and videos (--track, --sequence, a video "
+                   "source) need --engine local")
+    try:
+        pool = parse_workers(workers)
+    except ValueError as exc:
+        raise fail(f"--ray-workers: {exc}") from None
+    kind, _, index = device.strip().lower().partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise fail(f"--device: unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
+    if index:
+        raise fail(f"--device {device} with --engine ray: Ray gives each worker its GPUs (use --device cuda or auto "
+                   "with --ray-gpus-per-worker)")
+    if kind == "cuda" and gpus <= 0:
+        raise fail(f"--device {device} with --engine ray needs --ray-gpus-per-worker > 0 (Ray gives each worker its "
+                   "GPUs)")
+    return RayOptions(address=address, workers=pool, gpus_per_worker=gpus, cpus_per_worker=cpus)
 
 
 def _print_summary(summary) -> None:  # noqa: ANN001 - RunSummary

@@ -13,6 +13,12 @@ it. Its layout:
   what ``masqclip export`` writes other formats from;
 - the writers' own files (``instances.json``, ``panoptic/``, ``labels/``, ``overlay/``, ...).
 
+The pieces every engine shares (the local one here, ``inference.ray_engine`` for a Ray cluster): :func:`run_locked`
+(the folder's lock), :func:`open_run` (stale temporary files, fingerprint), :func:`plan_run` (listing, shard, resume),
+:func:`decode_for_model`, ``_run_batch`` (model, post-processing, each item's files and record), :func:`assemble_run`
+(run-level files from the stored records, the complete marker). An engine is not part of the fingerprint: runs of
+either engine over one ``--out`` resume each other.
+
 Resume: an item whose record and files all exist is not computed again; a run over a complete ``--out`` rewrites
 nothing. A different fingerprint is refused unless ``overwrite``. Sharding: item ``i`` of a run belongs to shard
 ``int(sha1(id)[:8], 16) % n`` — stable whatever the listing order, so shards are disjoint and cover everything.
@@ -66,7 +72,14 @@ from masqclip_cli.vocab import Vocabulary
 __all__ = [
     "FingerprintMismatchError",
     "RunOptions",
+    "RunPlan",
     "RunSummary",
+    "assemble_run",
+    "decode_for_model",
+    "mark_incomplete",
+    "open_run",
+    "plan_run",
+    "run_locked",
     "in_shard",
     "resolve_shard",
     "merge_outputs",
@@ -106,6 +119,13 @@ class RunOptions:
     tracking: TrackingOptions = field(default_factory=TrackingOptions)
     #: Pixel budget: images larger than this (width x height) are skipped from their header (None: no budget).
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    #: Decoding threads (None: min(4, CPU count)); items reach the model in listing order whatever the number, so
+    #: outputs do not depend on it (video frames are read in order by one of them). Not in the fingerprint.
+    workers: int | None = None
+    #: ``torch.compile`` the model's forwards: applied to the model by whoever loads it
+    #: (:func:`~masqclip_cli.modeling.runtime.compile_model`; the CLI does for ``--compile``), falling back to eager
+    #: with a warning. Not in the fingerprint (outputs equal eager within float rounding).
+    compile: bool = False
 
     def tracks(self, source: str) -> bool:
         """Whether a run over ``source`` tracks: ``--sequence``, ``--track``, or (by default) a video source."""
@@ -311,6 +331,149 @@ def _check_fingerprint(out_dir: Path, fingerprint: dict, overwrite: bool) -> Non
     atomic_write_text(run_file, text)
 
 
+def open_run(out_dir: Path, fingerprint: dict, overwrite: bool, read_only: bool = False) -> None:
+    """Start a run in ``out_dir`` (under its lock): create it, remove the temporary files a killed run left (only
+    under the lock: never a live run's), check the fingerprint (another one: :class:`FingerprintMismatchError`
+    unless ``overwrite``, which drops the old records). OSError on an I/O failure."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not read_only:
+        remove_stale_temp_files(out_dir)
+    _check_fingerprint(out_dir, fingerprint, overwrite)
+
+
+def mark_incomplete(out_dir: Path) -> None:
+    """A run with work to do: the folder is not complete until it finishes (OSError on an I/O failure)."""
+    (out_dir / STATE_DIR / COMPLETE_FILE).unlink(missing_ok=True)
+
+
+@dataclass
+class RunPlan:
+    """What a run over a source has to do (:func:`plan_run`), whichever engine computes it."""
+
+    #: The items to compute, in listing order (this shard's, minus the finished ones).
+    todo: list[SourceItem]
+    #: Items listed in this shard (finished or not, listing skips excluded).
+    total: int
+    #: Items with a record on disk, by id: the finished ones; an engine adds each item it finishes
+    #: (:func:`assemble_run` assembles the run-level files from these).
+    infos: dict[str, ItemInfo]
+    #: ``(sequence, frame index)`` of each frame of a tracked sequence, by item id (empty when not tracking).
+    frames: dict[str, tuple[str, int]]
+    #: The frame ids of each tracked sequence, in order.
+    by_sequence: dict[str, list[str]]
+    tracking: SequenceTracking | None
+
+
+def plan_run(source: str, out_dir: Path | None, options: RunOptions, writers: Sequence[Writer],
+             summary: RunSummary, stdin: Any = None) -> RunPlan:
+    """List ``source`` (paths only, never decoded images), keep this shard's items and split off the finished ones
+    (their record and every file exist; a tracked sequence resumes after its finished leading frames). Listing
+    skips go to ``summary.skipped``, finished items count in ``summary.reused``. Writes nothing."""
+    tracks = options.tracks(source)
+    tracking = SequenceTracking(options.tracking.config) if tracks else None
+    sequence_label = Path(source).name if source != "-" else "stdin"
+    listed: list[SourceItem] = []
+    for entry in iter_items(source, recursive=options.recursive,
+                            **({"extensions": options.extensions} if options.extensions else {}),
+                            every=options.every, start=options.start, end=options.end, stdin=stdin,
+                            max_pixels=options.max_pixels):
+        sequence = (sequence_name(entry, options.tracking, sequence_label)
+                    if tracks and isinstance(entry, SourceItem) else None)
+        if not in_shard(entry.id if sequence is None else sequence, options.shard):  # a sequence stays in one shard
+            continue
+        if isinstance(entry, SkippedItem):
+            summary.skipped.append((entry.id, entry.message))  # the reason, naming the file
+        else:
+            listed.append(entry)
+    # frames of each tracked sequence, in order: (sequence, frame index) per item id
+    frames: dict[str, tuple[str, int]] = {}
+    if tracking is not None:
+        if options.tracking.sequence:
+            listed.sort(key=lambda it: it.id)
+        counts: dict[str, int] = {}
+        for item in listed:
+            sequence = sequence_name(item, options.tracking, sequence_label)
+            if sequence is not None:
+                frames[item.id] = (sequence, counts.get(sequence, 0))
+                counts[sequence] = counts.get(sequence, 0) + 1
+    infos: dict[str, ItemInfo] = {}  # items with a record on disk (records themselves are not kept in memory)
+    finished: dict[str, ItemInfo] = {}
+    for item in listed:
+        record = _read_record(out_dir, item.id) if out_dir is not None else None
+        if record is not None:
+            info = _item_info(record)
+            files = [result_path(out_dir, item.id), *(p for w in writers for p in w.item_files(info))]
+            if all(p.is_file() for p in files):
+                finished[item.id] = info
+    by_sequence: dict[str, list[str]] = {}
+    for item_id, (sequence, _) in frames.items():
+        by_sequence.setdefault(sequence, []).append(item_id)
+    if tracking is not None:  # a sequence resumes after its finished leading frames; later frames run again
+        for sequence, ids in by_sequence.items():
+            keep = tracking.resume_point(sequence, [i in finished for i in ids],
+                                         lambda k, ids=ids: _tracker_state(out_dir, ids[k]))
+            for item_id in ids[keep:]:
+                finished.pop(item_id, None)
+    todo: list[SourceItem] = []
+    for item in listed:
+        if item.id in finished:
+            infos[item.id] = finished[item.id]
+            summary.reused += 1
+        else:
+            todo.append(item)
+    return RunPlan(todo=todo, total=len(listed), infos=infos, frames=frames, by_sequence=by_sequence,
+                   tracking=tracking)
+
+
+def assemble_run(out_dir: Path | None, writers: Sequence[Writer], plan: RunPlan, summary: RunSummary) -> None:
+    """The end of a run, whichever engine computed its items: the run-level files of every writer assembled from
+    the records of ``plan.infos`` (streamed from disk, in item-id order), then the complete marker when nothing
+    went wrong. An I/O failure goes to ``summary.fatal`` (and the writer to ``unassembled``), Ctrl-C during
+    assembly to ``summary.interrupted``."""
+    tracking, infos = plan.tracking, plan.infos
+    if tracking is not None:
+        tracking.load_final_states({seq: _last_tracker_state(out_dir, ids) for seq, ids in plan.by_sequence.items()
+                                    if seq not in tracking.trackers})
+        for writer in writers:
+            writer.track_classes = tracking.track_classes()
+    if out_dir is None:
+        for writer in writers:
+            writer.finalize([])
+        return
+    t0 = time.perf_counter()
+    for k, writer in enumerate(writers):
+        try:
+            summary.written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))
+        except OSError as exc:  # each file is atomic: what was there before stays whole
+            summary.fatal = summary.fatal or io_failure(exc)
+            summary.unassembled.append(writer.name)
+        except KeyboardInterrupt:  # Ctrl-C during assembly: say what was not assembled
+            summary.interrupted = True
+            summary.unassembled += [w.name for w in writers[k:]]
+            break
+    summary.seconds["write"] += time.perf_counter() - t0
+    if not (summary.interrupted or summary.fatal or summary.unassembled):
+        complete = {"listed": plan.total, "recorded": len(infos), "skipped": len(summary.skipped),
+                    "failed": len(summary.failed)}
+        try:
+            atomic_write_text(out_dir / STATE_DIR / COMPLETE_FILE, json.dumps(complete) + "\n")
+        except OSError as exc:
+            summary.fatal = io_failure(exc)
+
+
+def decode_for_model(decode: Callable[[SourceItem], np.ndarray], item: SourceItem, options: RunOptions
+                     ) -> tuple[np.ndarray, torch.Tensor] | SkipItem:
+    """One item decoded and prepared for the model: ``(rgb (H, W, 3) uint8, tensor (3, H', W') uint8)``, or the
+    :class:`SkipItem` saying why it cannot be (one bad item never stops a run)."""
+    try:
+        rgb = decode(item)
+        return rgb, prepare_image(rgb, options.short_side, options.max_size)
+    except SkipItem as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - one bad item never kills the run
+        return SkipItem(f"{item.id}: cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
+
+
 class _Decoder:
     """Decodes items in order (one background thread), video frames sequentially."""
 
@@ -436,24 +599,52 @@ class _InFlight:
 
 def _producer(items: Iterable[SourceItem], options: RunOptions, out: queue.Queue, stop: threading.Event,
               inflight: _InFlight | None = None) -> None:
+    """Decode ``items`` for the model and put ``(item, payload, seconds)`` on ``out`` in listing order, then None.
+
+    ``options.workers`` threads decode (None: min(4, CPU count)), at most ``2 x workers`` items ahead of ``out``;
+    results are handed on in submission order, so the order (and so every output) does not depend on the number.
+    Video frames go to one thread of their own, in order (a video is read as one stream by one decoder). After
+    ``stop`` nothing new starts; items not started are dropped unlogged (the in-flight log shows only items being
+    decoded, so they never count as crashes)."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     decode = _Decoder(options)
-    for item in items:
-        if stop.is_set():
-            break
+    workers = max(1, int(options.workers or min(4, os.cpu_count() or 1)))
+
+    def work(item: SourceItem) -> tuple[SourceItem, Any, float]:
         start = time.perf_counter()
         if inflight is not None:
             inflight.log("decode", item.id)
-        try:
-            rgb = decode(item)
-            tensor = prepare_image(rgb, options.short_side, options.max_size)
-            payload: Any = (rgb, tensor)
-        except SkipItem as exc:
-            payload = exc
-        except Exception as exc:  # noqa: BLE001 - one bad item never kills the run
-            payload = SkipItem(f"{item.id}: cannot decode ({type(exc).__name__}: {exc})".splitlines()[0])
+        payload = decode_for_model(decode, item, options)
         if inflight is not None:
             inflight.log("decoded", item.id)
-        out.put((item, payload, time.perf_counter() - start))
+        return item, payload, time.perf_counter() - start
+
+    if workers == 1:
+        for item in items:
+            if stop.is_set():
+                break
+            out.put(work(item))
+        out.put(None)
+        return
+    images = ThreadPoolExecutor(workers, thread_name_prefix="masqclip-decode")
+    frames = ThreadPoolExecutor(1, thread_name_prefix="masqclip-frames")  # one decoder per video stream, in order
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            if stop.is_set():
+                break
+            pending.append((frames if item.frame is not None else images).submit(work, item))
+            if len(pending) >= 2 * workers:
+                out.put(pending.popleft().result())
+        while pending and not stop.is_set():
+            out.put(pending.popleft().result())
+    finally:
+        for future in pending:
+            future.cancel()
+        images.shutdown(wait=True, cancel_futures=True)
+        frames.shutdown(wait=True, cancel_futures=True)
     out.put(None)
 
 
@@ -487,7 +678,14 @@ def segment(
     """
     if out_dir is None:
         return _segment(model, vocab, source, None, options, model_id, templates, precision, on_item, stdin)
-    try:  # one run per output folder, for the whole run
+    return run_locked(out_dir, lambda read_only: _segment(model, vocab, source, out_dir, options, model_id, templates,
+                                                          precision, on_item, stdin, read_only=read_only))
+
+
+def run_locked(out_dir: Path, run: Callable[[bool], RunSummary]) -> RunSummary:
+    """``run(read_only)`` under ``out_dir``'s :class:`RunLock` (one run per output folder, for the whole run;
+    ``read_only``: the folder cannot be written, so nothing must be). Every engine runs through here."""
+    try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(out_dir).acquire()
     except OSError as exc:
@@ -495,8 +693,7 @@ def segment(
         summary.fatal = io_failure(exc)
         return summary
     try:
-        return _segment(model, vocab, source, out_dir, options, model_id, templates, precision, on_item, stdin,
-                        read_only=lock.read_only)
+        return run(lock.read_only)
     finally:
         lock.release()
 
@@ -513,76 +710,19 @@ def _segment(model: MasQCLIP, vocab: Vocabulary, source: str, out_dir: Path | No
     predictor = Predictor.for_encoded(model, vocab, options.postprocess, options.short_side, options.max_size)
     if out_dir is not None:
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if not read_only:
-                remove_stale_temp_files(out_dir)  # left by a killed run (only under the lock: never a live run's)
-            fingerprint = run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision,
-                                          tracks=options.tracks(source))
-            _check_fingerprint(out_dir, fingerprint, options.overwrite)
+            open_run(out_dir, run_fingerprint(model_id, vocab, templates, options, model.use_object_score, precision,
+                                              tracks=options.tracks(source)), options.overwrite, read_only)
         except OSError as exc:
             summary.fatal = io_failure(exc)
             summary.wall_s = time.perf_counter() - t_start
             return summary
 
-    # list the items (paths only, never decoded images), keep this shard's, split off the finished ones
-    tracks = options.tracks(source)
-    tracking = SequenceTracking(options.tracking.config) if tracks else None
-    sequence_label = Path(source).name if source != "-" else "stdin"
-    listed: list[SourceItem] = []
-    for entry in iter_items(source, recursive=options.recursive,
-                            **({"extensions": options.extensions} if options.extensions else {}),
-                            every=options.every, start=options.start, end=options.end, stdin=stdin,
-                            max_pixels=options.max_pixels):
-        sequence = (sequence_name(entry, options.tracking, sequence_label)
-                    if tracks and isinstance(entry, SourceItem) else None)
-        if not in_shard(entry.id if sequence is None else sequence, options.shard):  # a sequence stays in one shard
-            continue
-        if isinstance(entry, SkippedItem):
-            summary.skipped.append((entry.id, entry.message))  # the reason, naming the file
-        else:
-            listed.append(entry)
-    # frames of each tracked sequence, in order: (sequence, frame index) per item id
-    frames: dict[str, tuple[str, int]] = {}
-    if tracking is not None:
-        if options.tracking.sequence:
-            listed.sort(key=lambda it: it.id)
-        counts: dict[str, int] = {}
-        for item in listed:
-            sequence = sequence_name(item, options.tracking, sequence_label)
-            if sequence is not None:
-                frames[item.id] = (sequence, counts.get(sequence, 0))
-                counts[sequence] = counts.get(sequence, 0) + 1
-    infos: dict[str, ItemInfo] = {}  # items with a record on disk (records themselves are not kept in memory)
-    finished: dict[str, ItemInfo] = {}
-    for item in listed:
-        record = _read_record(out_dir, item.id) if out_dir is not None else None
-        if record is not None:
-            info = _item_info(record)
-            files = [result_path(out_dir, item.id), *(p for w in writers for p in w.item_files(info))]
-            if all(p.is_file() for p in files):
-                finished[item.id] = info
-    by_sequence: dict[str, list[str]] = {}
-    for item_id, (sequence, _) in frames.items():
-        by_sequence.setdefault(sequence, []).append(item_id)
-    if tracking is not None:  # a sequence resumes after its finished leading frames; later frames run again
-        for sequence, ids in by_sequence.items():
-            keep = tracking.resume_point(sequence, [i in finished for i in ids],
-                                         lambda k, ids=ids: _tracker_state(out_dir, ids[k]))
-            for item_id in ids[keep:]:
-                finished.pop(item_id, None)
-    todo: list[SourceItem] = []
-    for item in listed:
-        if item.id in finished:
-            infos[item.id] = finished[item.id]
-            summary.reused += 1
-        else:
-            todo.append(item)
-    finished.clear()
-    total = len(listed)
+    plan = plan_run(source, out_dir, options, writers, summary, stdin)
+    todo, total, infos, frames, tracking = plan.todo, plan.total, plan.infos, plan.frames, plan.tracking
     finished = summary.reused
     if todo and out_dir is not None:  # work to do: the folder is not complete until this run finishes
         try:
-            (out_dir / STATE_DIR / COMPLETE_FILE).unlink(missing_ok=True)
+            mark_incomplete(out_dir)
         except OSError as exc:
             summary.fatal = io_failure(exc)
             summary.wall_s = time.perf_counter() - t_start
@@ -661,34 +801,7 @@ def _segment(model: MasQCLIP, vocab: Vocabulary, source: str, out_dir: Path | No
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
-    if tracking is not None:
-        tracking.load_final_states({seq: _last_tracker_state(out_dir, ids) for seq, ids in by_sequence.items()
-                                    if seq not in tracking.trackers})
-        for writer in writers:
-            writer.track_classes = tracking.track_classes()
-    if out_dir is not None:
-        t0 = time.perf_counter()
-        for k, writer in enumerate(writers):
-            try:
-                summary.written += writer.finalize(_StoredRecords(out_dir, list(infos.values()), writer.name))
-            except OSError as exc:  # each file is atomic: what was there before stays whole
-                summary.fatal = summary.fatal or io_failure(exc)
-                summary.unassembled.append(writer.name)
-            except KeyboardInterrupt:  # Ctrl-C during assembly: say what was not assembled
-                summary.interrupted = True
-                summary.unassembled += [w.name for w in writers[k:]]
-                break
-        summary.seconds["write"] += time.perf_counter() - t0
-        if not (summary.interrupted or summary.fatal or summary.unassembled):
-            complete = {"listed": total, "recorded": len(infos), "skipped": len(summary.skipped),
-                        "failed": len(summary.failed)}
-            try:
-                atomic_write_text(out_dir / STATE_DIR / COMPLETE_FILE, json.dumps(complete) + "\n")
-            except OSError as exc:
-                summary.fatal = io_failure(exc)
-    else:
-        for writer in writers:
-            writer.finalize([])
+    assemble_run(out_dir, writers, plan, summary)
     summary.wall_s = time.perf_counter() - t_start
     return summary
 

@@ -360,12 +360,14 @@ def _semantic_chunks(
         return _sigmoid_(planes.output(idx))
 
     qstep = _chunk(chunk_size, work_px, max_bytes, q)
-    qchunks = [torch.arange(s, min(s + qstep, q), device=logits.device) for s in range(0, q, qstep)]
+    # chunk bounds stay on the host (indexing with them needs no device sync); the index tensors are host tensors
+    # too: the mask planes are looked up per query on the host side, pc rows are gathered on pc's device
+    qchunks = [(s, min(s + qstep, q), torch.arange(s, min(s + qstep, q))) for s in range(0, q, qstep)]
     cache: Tensor | None = None
     if q * work_px * 4 <= max_bytes:  # all masks at the working size fit: upsample once, one matmul per class chunk
         cache = torch.empty((q, work_px), dtype=torch.float32, device=logits.device)
-        for idx in qchunks:
-            cache[idx[0] : idx[-1] + 1] = sig(idx).reshape(len(idx), work_px)
+        for s0, s1, idx in qchunks:
+            cache[s0:s1] = sig(idx).reshape(s1 - s0, work_px)
     classes = torch.arange(n, device=logits.device)
     if prune and cache is not None and q > 0:
         classes = _semantic_candidates(p, cache, classes)
@@ -377,8 +379,8 @@ def _semantic_chunks(
             scores = torch.mm(pc.T, cache)
         else:
             scores = torch.zeros((len(cls), work_px), dtype=torch.float32, device=logits.device)
-            for idx in qchunks:
-                scores.addmm_(pc[idx].T, sig(idx).reshape(len(idx), work_px))
+            for s0, s1, idx in qchunks:
+                scores.addmm_(pc[idx.to(pc.device)].T, sig(idx).reshape(s1 - s0, work_px))
         yield cls, scores.view(len(cls), *work)
 
 
@@ -521,14 +523,16 @@ def _panoptic(
     # One pass over the kept queries: running argmax of s_q·σ(m_q), carrying σ(m_winner) ≥ 0.5 along.
     state: list[Tensor] | None = None
     orig_area = torch.zeros(k, dtype=torch.int64, device=device)
+    keep_host = keep.cpu()  # (k,) indices: the sources look planes up per query, without a device sync per chunk
+    kept_scores = scores[keep]
     for j0 in range(0, k, chunk):
-        idx = keep[j0 : j0 + chunk]
+        idx = keep_host[j0 : j0 + chunk]
         m = source(idx)
         if logits:
             m = _sigmoid_(m)
         ge = m >= 0.5
         orig_area[j0 : j0 + len(idx)] = ge.sum(dim=(1, 2))
-        prob = m.mul_(scores[idx].view(-1, 1, 1))
+        prob = m.mul_(kept_scores[j0 : j0 + len(idx)].view(-1, 1, 1))
         state = _running_argmax(state, prob, j0, ge)
         del m, ge, prob
     assert state is not None
@@ -537,7 +541,7 @@ def _panoptic(
     mask_area = torch.bincount(arg.flatten(), minlength=k)
     inter_area = torch.bincount(arg[win_ge], minlength=k)
 
-    keep_l = keep.tolist()
+    keep_l = keep_host.tolist()
     cls_l = classes.tolist()
     score_l = scores.tolist()
     ids = [0] * k
@@ -643,20 +647,22 @@ def _instances(
         return []
     queries = sorted({q for q, _ in pairs})
     per_query: dict[int, tuple[float, int, tuple[float, float, float, float], np.ndarray]] = {}
-    qidx = torch.tensor(queries, dtype=torch.int64, device=device)
+    qidx = torch.tensor(queries, dtype=torch.int64)  # host indices: the sources look planes up per query
     for s in range(0, len(queries), chunk):
         idx = qidx[s : s + chunk]
         m = source(idx)
         mask = m > 0
         masked_sig = _sigmoid_(m).mul_(mask)
-        # One reduction per query (float64), so the result does not depend on how queries are chunked.
-        num = [float(x.sum(dtype=torch.float64)) for x in masked_sig]
+        # One reduction per query (float64), so the result does not depend on how queries are chunked; the sums,
+        # the areas and the chunk's final bool masks each come to the host in one transfer (the float planes never).
+        num = torch.stack([x.sum(dtype=torch.float64) for x in masked_sig]).tolist()
         areas = mask.sum(dim=(1, 2)).tolist()
         mask_score = [a / (b + 1e-6) for a, b in zip(num, areas)]
-        for i, q in enumerate(idx.tolist()):
-            mk = mask[i].to("cpu", copy=True).numpy()
+        host = mask.cpu().numpy()
+        for i, q in enumerate(queries[s : s + chunk]):
+            mk = host[i].copy()  # each query its own array, as the result type keeps them
             per_query[q] = (mask_score[i], int(areas[i]), mask_bbox(mk), mk)
-        del m, mask, masked_sig
+        del m, mask, masked_sig, host
     p_cpu = p.cpu()
     found = []
     for q, c in pairs:

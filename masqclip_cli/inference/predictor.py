@@ -10,6 +10,11 @@ know their classes.
 ``segment`` (the batched engine) and ``eval`` run images through the same object, so the Python API, the command
 line and the metrics see one preprocessing path and one set of defaults: the test size and thresholds stored in the
 model file, overridable here.
+
+Devices: the input batch goes to the model's device through pinned (page-locked) host memory with
+``non_blocking=True`` copies when that device is CUDA (:func:`stage_inputs`; nothing changes on CPU); the model's
+outputs stay on its device and post-processing runs there: the only copies to the host are the final ``(H, W)``
+label maps, the instances' bool masks and small per-query tables (scores, areas, indices).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from masqclip_cli.inference.postprocess import PostprocessConfig, postprocess
 from masqclip_cli.inference.preprocess import ImageInput, load_rgb, prepare_image, test_size_of
 from masqclip_cli.modeling.factory import load_model, resolve_device
 from masqclip_cli.modeling.masqclip import ImageOutput, MasQCLIP
+from masqclip_cli.modeling.runtime import compile_model
 from masqclip_cli.structures import Segmentation
 from masqclip_cli.vocab import VocabClass, Vocabulary, load_vocabulary
 
-__all__ = ["Predictor", "postprocess_config", "as_vocabulary"]
+__all__ = ["Predictor", "postprocess_config", "as_vocabulary", "model_device", "stage_inputs"]
 
 #: Thresholds a model file stores (``MasQCLIP.thresholds``) and the :class:`PostprocessConfig` field each sets.
 _THRESHOLD_FIELDS = ("object_mask_threshold", "overlap_threshold", "detections_per_image")
@@ -50,6 +56,40 @@ def postprocess_config(model: MasQCLIP, tasks: Sequence[str] | str = ("panoptic"
         values["detections_per_image"] = int(values["detections_per_image"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PostprocessConfig(tasks=tuple([tasks] if isinstance(tasks, str) else tasks), **values)
+
+
+def model_device(model: MasQCLIP) -> torch.device:
+    """The device a model runs on (that of its CLIP tower's weights, where ``MasQCLIP.forward`` puts the inputs)."""
+    return model.masq.visual.conv1.weight.device
+
+
+def stage_inputs(tensors: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """The input batch on its way to ``device``.
+
+    For a CUDA device each host tensor is copied once into pinned (page-locked) memory and sent with
+    ``non_blocking=True``, so the transfer is asynchronous and overlaps the host's next steps (the model's kernels
+    run after it on the same stream); on any other device the tensors are returned as they are (the model moves
+    them itself), so nothing changes on CPU.
+
+    Args:
+        tensors: B ``(3, H_i, W_i)`` uint8 model inputs (:func:`~masqclip_cli.inference.preprocess.prepare_image`),
+            any layout.
+        device: the model's device.
+
+    Returns:
+        B tensors, on ``device`` for CUDA (same values), else the given tensors themselves.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return list(tensors)
+    staged = []
+    for t in tensors:
+        if t.device.type == "cpu":
+            pinned = torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=True)
+            pinned.copy_(t)  # one copy, contiguous (prepare_image hands a permuted view)
+            t = pinned
+        staged.append(t.to(device, non_blocking=True))
+    return staged
 
 
 def as_vocabulary(vocab: Vocabulary | str | os.PathLike | Sequence[str]) -> Vocabulary:
@@ -75,6 +115,8 @@ class Predictor:
         device: where a model loaded here runs (``"auto"``: CUDA, else MPS, else CPU); a given model is moved there
             when set.
         precision: ``fp32``, ``bf16`` or ``fp16`` for a model loaded here.
+        compile: ``torch.compile`` the model's forwards (:func:`~masqclip_cli.modeling.runtime.compile_model`, in
+            place, on first use; a failure warns once (``RuntimeWarning``) and runs eager).
         templates: prompt templates for encoding ``vocab`` (None: the model's default).
         text_cache: a :class:`~masqclip_cli.modeling.text.TextEmbeddingCache` for the vocabulary's text embeddings.
         short_side, max_size: the test resize; None = the model's stored test size (else 640 / 2560).
@@ -97,12 +139,15 @@ class Predictor:
         short_side: int | None = None,
         max_size: int | None = None,
         config: PostprocessConfig | None = None,
+        compile: bool = False,  # noqa: A002 - the flag's name (segment --compile)
         **postprocess_options: Any,
     ) -> None:
         if not isinstance(model, MasQCLIP):
             model = load_model(str(model), device=resolve_device(str(device or "auto")), precision=precision)
         elif device is not None:
             model = model.to(device)
+        if compile:
+            compile_model(model)
         self.model: MasQCLIP = model
         if vocab is not None:
             vocabulary = as_vocabulary(vocab)
@@ -160,11 +205,13 @@ class Predictor:
 
     @torch.no_grad()
     def forward(self, tensors: Sequence[torch.Tensor]) -> list[ImageOutput]:
-        """The model on B prepared ``(3, H', W')`` inputs (one call; results equal batch 1)."""
-        return self.model(list(tensors))
+        """The model on B prepared ``(3, H', W')`` inputs (one call; results equal batch 1), staged to the model's
+        device by :func:`stage_inputs` (pinned memory, non-blocking copies on CUDA). Outputs stay on that device."""
+        return self.model(stage_inputs(tensors, model_device(self.model)))
 
     def postprocess(self, output: ImageOutput, output_size: tuple[int, int]) -> Segmentation:
-        """One model output -> the requested tasks at ``output_size`` (H, W), named with the vocabulary."""
+        """One model output -> the requested tasks at ``output_size`` (H, W), named with the vocabulary; computed on
+        the output's device, only the final maps and masks are copied to the host."""
         seg = postprocess(output.mask_logits, output.p_cls, self.vocabulary.isthing, image_size=output.image_size,
                           padded_size=output.padded_size, output_size=output_size, config=self.config)
         return seg.with_vocabulary(self.vocabulary)

@@ -22,6 +22,13 @@ values (computed once per block and shared with the image-token attention)::
 
     attn_q = softmax( f_Q'(h_q) K_img^T / sqrt(head_dim) + M_q ) V_img,   M_q[j] = 0 if allowed[q, j] else -inf
 
+``M_q`` is an additive float mask in the query dtype (:func:`attention_bias`: 0 where allowed, a large finite
+negative where blocked) handed to ``torch.nn.functional.scaled_dot_product_attention``, so that CUDA can run the
+fused (memory-efficient) kernel, which takes float masks; it is built once per forward, stored padded to a multiple
+of 16 columns (the alignment that kernel wants, so no block copies it), and equals the boolean mask bit for bit
+(``exp`` of a blocked logit is exactly 0 either way). A fully blocked row (never made by :meth:`MasQVisual.forward`,
+which always allows CLS) gives 0, as the boolean path does, never NaN (:func:`masked_attention`).
+
 then both results go through the frozen ``out_proj`` (and layer scale ``ls_1`` if present), the residual, and
 ``x + ls_2(mlp(ln_2(x)))``. Mask tokens are never keys or values: they see neither each other nor themselves, and
 image tokens never see them, so the image path is bit-for-bit the ordinary CLIP forward and each mask token is
@@ -79,7 +86,9 @@ __all__ = [
     "TUNE_MODES",
     "MasQVisual",
     "MasQVisualOutput",
+    "attention_bias",
     "create_masq_visual",
+    "masked_attention",
     "pad_to_multiple",
 ]
 
@@ -110,6 +119,55 @@ def pad_to_multiple(image: Tensor, divisor: int = 32) -> Tensor:
     if pad_h == 0 and pad_w == 0:
         return image
     return F.pad(image, (0, pad_w, 0, pad_h), mode="constant", value=0)
+
+
+#: Column alignment of the float attention mask's storage (the CUDA memory-efficient kernel copies a mask whose
+#: row stride is not a multiple of 16 in every call; a mask made aligned once is used as is in every block).
+_MASK_ALIGN = 16
+
+
+def attention_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive float attention mask of a boolean one (True = allowed).
+
+    Blocked entries get ``finfo(dtype).min / 2``: large enough that ``exp`` of a blocked logit is exactly 0 (as with
+    ``-inf``), finite so that a fully blocked row cannot turn into NaN, and with room below it so that adding a
+    logit cannot overflow to ``-inf`` in fp16. The storage is padded to a multiple of 16 columns (the returned
+    tensor is a view of the first ``N``), the alignment the fused CUDA kernel needs.
+
+    Args:
+        allowed: ``(..., N)`` bool.
+        dtype: the query dtype (float32, bfloat16, float16, float64).
+
+    Returns:
+        ``(..., N)`` tensor of ``dtype`` on ``allowed``'s device: 0 where allowed, ``finfo(dtype).min / 2`` where not.
+    """
+    if allowed.dtype != torch.bool:
+        raise ValueError(f"attention_bias expects a bool mask (True = allowed), got {allowed.dtype}")
+    n = int(allowed.shape[-1])
+    padded = -(-n // _MASK_ALIGN) * _MASK_ALIGN if n else 0
+    bias = torch.zeros((*allowed.shape[:-1], padded), dtype=dtype, device=allowed.device)[..., :n]
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min / 2)
+
+
+def masked_attention(
+    query: Tensor, key: Tensor, value: Tensor, allowed: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """``softmax(query key^T / sqrt(d) + M) value`` through ``scaled_dot_product_attention`` with a float mask.
+
+    Args:
+        query: ``(B, H, Q, d)``.
+        key, value: ``(B, H, N, d)``, the dtype of ``query``.
+        allowed: ``(B, 1 or H, Q, N)`` bool, True = query q may attend to key j.
+        bias: :func:`attention_bias` of ``allowed`` in the query dtype, if already made (reused across blocks).
+
+    Returns:
+        ``(B, H, Q, d)`` in the query dtype; a row with no allowed key is 0 (as the boolean-mask path gives), never
+        NaN.
+    """
+    if bias is None:
+        bias = attention_bias(allowed, query.dtype)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+    return out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0)
 
 
 @dataclass
@@ -503,9 +561,11 @@ class MasQVisual(nn.Module):
             x = torch.cat([self.mask_ln_pre(x[:, :q]), v.ln_pre(x[:, q:])], dim=1)
         after_pre = x
 
+        # the mask tokens' additive float mask, made once for every block (the explicit-softmax path reads `allowed`)
+        bias = attention_bias(allowed[:, None], dtype) if q > 0 and weights is None else None  # (B, 1, Q, N)
         blocks_out: list[Tensor] = []
         for i, blk in enumerate(v.transformer.resblocks):
-            x = self._block(i, blk, x, allowed, weights)
+            x = self._block(i, blk, x, allowed, weights, bias)
             if collect:
                 blocks_out.append(x)
 
@@ -520,11 +580,18 @@ class MasQVisual(nn.Module):
         return MasQVisualOutput(emb, mask_out, image_embedding, before, after_pre, blocks_out)
 
     def _block(
-        self, i: int, blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor, weights: list[Tensor] | None
+        self,
+        i: int,
+        blk: ResidualAttentionBlock,
+        x: Tensor,
+        allowed: Tensor,
+        weights: list[Tensor] | None,
+        bias: Tensor | None = None,
     ) -> Tensor:
-        """One residual block on ``x`` ``(B, Q+N, W)`` = [mask tokens, image tokens]."""
+        """One residual block on ``x`` ``(B, Q+N, W)`` = [mask tokens, image tokens]; ``bias`` ``(B, 1, Q, N)`` is
+        :func:`attention_bias` of ``allowed`` (made once per forward)."""
         if self.mask_blocks is not None:
-            return self._block_clip_copy(i, blk, x, allowed, weights)
+            return self._block_clip_copy(i, blk, x, allowed, weights, bias)
         b, q = allowed.shape[:2]
         heads, hd, w = self.num_heads, self.head_dim, self.width
         attn = blk.attn
@@ -540,7 +607,7 @@ class MasQVisual(nn.Module):
             q_m = self.q_proj_new[i](h_mask).view(b, q, heads, hd).transpose(1, 2)  # (B, H, Q, hd)
             k_m = k_img if self.k_proj_new is None else self._split(self.k_proj_new[i](h_img))
             v_m = v_img if self.v_proj_new is None else self._split(self.v_proj_new[i](h_img))
-            o_mask = self._mask_attention(q_m, k_m, v_m, allowed, weights)
+            o_mask = self._mask_attention(q_m, k_m, v_m, allowed, weights, bias)
             o = torch.cat([o_mask, o_img], dim=2)  # (B, H, Q+N, hd)
         else:
             o = o_img
@@ -551,19 +618,35 @@ class MasQVisual(nn.Module):
         return x
 
     def _mask_attention(
-        self, q_m: Tensor, k_m: Tensor, v_m: Tensor, allowed: Tensor, weights: list[Tensor] | None
+        self,
+        q_m: Tensor,
+        k_m: Tensor,
+        v_m: Tensor,
+        allowed: Tensor,
+        weights: list[Tensor] | None,
+        bias: Tensor | None = None,
     ) -> Tensor:
-        """Masked attention of the mask tokens ``(B, H, Q, hd)`` over image keys/values ``(B, H, N, hd)``."""
+        """Masked attention of the mask tokens ``(B, H, Q, hd)`` over image keys/values ``(B, H, N, hd)``: SDPA with
+        the additive float mask ``bias`` ``(B, 1, Q, N)`` (made here from ``allowed`` when None; every row has CLS
+        allowed, so no row is empty), or with ``weights`` the explicit float32 softmax, recorded."""
         mask = allowed[:, None]  # (B, 1, Q, N), broadcast over heads
         if weights is None:
-            return F.scaled_dot_product_attention(q_m, k_m, v_m, attn_mask=mask)
+            if bias is None or bias.dtype != q_m.dtype:
+                bias = attention_bias(mask, q_m.dtype)
+            return F.scaled_dot_product_attention(q_m, k_m, v_m, attn_mask=bias)
         scores = (q_m.float() @ k_m.float().transpose(-1, -2)) * (self.head_dim**-0.5)  # (B, H, Q, N)
         probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         weights.append(probs)
         return (probs @ v_m.float()).to(v_m.dtype)
 
     def _block_clip_copy(
-        self, i: int, blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor, weights: list[Tensor] | None
+        self,
+        i: int,
+        blk: ResidualAttentionBlock,
+        x: Tensor,
+        allowed: Tensor,
+        weights: list[Tensor] | None,
+        bias: Tensor | None = None,
     ) -> Tensor:
         """``tune="clip"``: image tokens through the frozen ``blk``, mask tokens through ``mask_blocks[i]``."""
         b, q = allowed.shape[:2]
@@ -584,7 +667,7 @@ class MasQVisual(nn.Module):
         q_m = self._split(F.linear(cp.ln_1(x_mask), wi[:w], bi[:w]))  # (B, H, Q, hd)
         kv_m = F.linear(cp.ln_1(x_img), wi[w:], bi[w:])  # (B, N, 2W): copied k, v of the image tokens
         k_m, v_m = self._split(kv_m[..., :w]), self._split(kv_m[..., w:])
-        o_mask = self._mask_attention(q_m, k_m, v_m, allowed, weights)
+        o_mask = self._mask_attention(q_m, k_m, v_m, allowed, weights, bias)
         o_mask = o_mask.transpose(1, 2).reshape(b, q, w)
         x_mask = x_mask + cp.ls_1(cp.attn.out_proj(o_mask))
         x_mask = x_mask + cp.ls_2(cp.mlp(cp.ln_2(x_mask)))

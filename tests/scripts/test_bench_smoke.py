@@ -100,6 +100,42 @@ def check_video_tracking(r: dict) -> None:
     assert isinstance(r["targets"]["tracking_per_frame_ratio"]["met"], bool)
 
 
+def check_ray_overhead(r: dict) -> None:
+    assert r["ray"] and _positive(r["cluster_start_s"])
+    for row in r["rows"]:
+        assert row["by_count"]
+        for entry in row["by_count"]:
+            assert _positive(entry["local_wall_s"], entry["ray_wall_s"], entry["ratio"], entry["images"])
+            assert entry["same_output"] is True  # the two engines wrote the same bytes
+            assert isinstance(entry["meets_target"], bool)
+            for run in entry["runs"]["local"] + entry["runs"]["ray"]:
+                assert run["summary"] == f"{entry['images']} done, 0 skipped, 0 failed"
+    assert isinstance(r["targets"]["ray_over_local_wall"]["met"], bool)
+
+
+def check_gpu(r: dict) -> None:
+    assert r["smoke"] is True and r["status"].startswith("complete") and r["gpu"]["device"] == "cpu"
+    acc = r["accuracy"]
+    on_device = acc["device_vs_cpu_fp32"]["default_tf32"]
+    assert on_device["mask_logits_max_abs"] == 0.0 and on_device["p_cls_max_abs"] == 0.0  # CPU against CPU here
+    assert all(v == 1.0 for k, v in on_device["pixel_agreement"].items() if k in ("semantic", "panoptic", "instance"))
+    bf16 = acc["precision_vs_fp32"]["bf16"]
+    assert bf16["finite"] and 0 < bf16["p_cls_max_abs"] < 1
+    assert all(0 <= bf16["pixel_agreement"][k] <= 1 for k in ("semantic", "panoptic", "instance"))
+    assert 0 <= bf16["pq_against_fp32"]["pq"] <= 100
+    assert set(acc["sdpa_mask_attention"]) == {"fp32", "bf16"}
+    rows = r["throughput"]
+    assert [(row["precision"], row["batch"], row["compile"]) for row in rows] == [
+        ("fp32", 1, False), ("fp32", 2, False), ("bf16", 1, False), ("bf16", 2, False)]
+    for row in rows:
+        assert set(row["images_per_s"]) == {"model", "panoptic", "all_tasks", "all_tasks_with_decode"}
+        assert _positive(*row["images_per_s"].values(), *row["seconds_per_pass"].values())
+        assert row["peak_gpu_mib"] is None  # no GPU in the smoke run
+    assert len(r["clip_vs_encode_image"]) == len(rows)
+    for clip in r["clip_vs_encode_image"]:
+        assert _positive(clip["masq_forward_s"], clip["encode_image_s"], clip["ratio"]) and clip["queries"] > 0
+
+
 CHECKS = {
     "masq_overhead.py": check_masq_overhead,
     "model_stages.py": check_model_stages,
@@ -109,6 +145,8 @@ CHECKS = {
     "segment_e2e.py": check_segment_e2e,
     "train_step.py": check_train_step,
     "video_tracking.py": check_video_tracking,
+    "ray_overhead.py": check_ray_overhead,
+    "gpu.py": check_gpu,
 }
 
 
