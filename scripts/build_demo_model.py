@@ -49,8 +49,9 @@ class Preset:
     clip_steps: int | None = 1500
     clip_lr: float = 1e-3
     clip_eval_every: int = 100
-    clip_patience: int | None = 4
+    clip_patience: int | None = None  # the best validation step is kept; stopping early would cut the cosine
     clip_checkpoint_every: int = 50
+    clip_semantic_targets: bool = True  # a bare name is a positive of every crop it is true of
     proposals: str = "demo"
     batch_size: int = 8
     teacher_iterations: int = 2500
@@ -72,7 +73,7 @@ class Preset:
 PRESETS = {
     "full": Preset(),
     "ci": Preset(image_size=64, train_images=24, val_images=24, clip_images=60, clip_val_images=12, clip_steps=10,
-                 clip_eval_every=0, clip_patience=None, clip_checkpoint_every=5,
+                 clip_eval_every=0, clip_patience=None, clip_checkpoint_every=5, clip_semantic_targets=False,
                  proposals="tiny", batch_size=4, teacher_iterations=150, teacher_lr=1e-3, distill_iterations=4,
                  rounds=2, masq_iterations=300, masq_lr=1e-3, masq_eval_every=300, recipe_val_images=12,
                  masq_untuned_candidate=False,
@@ -154,7 +155,8 @@ def build(preset: Preset, work: Path, install: bool) -> dict[str, Any]:
         clip_val = shapes_clip.load_split(clip_dir, "clip_val", resolution, scenes=False)
         cfg = shapes_clip.TrainConfig(steps=preset.clip_steps, time_budget=preset.clip_seconds, seed=0,
                                       lr=preset.clip_lr, eval_every=preset.clip_eval_every,
-                                      patience=preset.clip_patience, checkpoint_every=preset.clip_checkpoint_every)
+                                      patience=preset.clip_patience, checkpoint_every=preset.clip_checkpoint_every,
+                                      semantic_targets=preset.clip_semantic_targets)
 
         def validate(model: Any, spec: Any) -> float:
             bare = shapes_clip.zero_shot_eval(model, spec, clip_val, templates={"bare": "{}"})["bare"]

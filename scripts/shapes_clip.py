@@ -71,10 +71,12 @@ __all__ = [
     "TrainConfig",
     "caption_variants",
     "clip_input",
+    "crop_colour",
     "ensure_split",
     "load_shapes_clip",
     "load_split",
     "save_clip",
+    "semantic_positives",
     "sidecar_path",
     "train_clip",
     "zero_shot_eval",
@@ -265,6 +267,11 @@ class TrainConfig:
         eval_every: with a ``validate`` callback, score the model every this many steps (and at the end); the
             returned model is the best-scoring one (0: never; the last step's model is returned).
         patience: stop when this many validations in a row did not beat the best score (None: run all steps).
+        semantic_targets: an image and a text of the batch are positives whenever the text is true of the image:
+            equal captions, and a crop caption naming only a crop's class (``"star"``, ``"a photo of a star"``) or
+            its class and colour (``"red star"``) is true of every crop of that class (and colour) in the batch,
+            not only of the crop it was drawn for; without it, the shortened captions of two star crops push each
+            other's images apart.
         checkpoint_every: with a ``checkpoint`` path, save the whole training state (model, optimiser, random
             generator, data order, curve, best model) every this many steps, so that a killed run resumes there.
     """
@@ -287,6 +294,7 @@ class TrainConfig:
     eval_every: int = 0
     patience: int | None = None
     checkpoint_every: int = 0
+    semantic_targets: bool = False
 
 
 def _lr_at(progress: float, cfg: TrainConfig) -> float:
@@ -330,15 +338,48 @@ def _augment(x: Tensor, is_crop: Tensor, cfg: TrainConfig, gen: torch.Generator)
 
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                     text_ids: Tensor | None = None) -> Tensor:
-    """Symmetric InfoNCE of L2-normalised features; with ``text_ids`` items of equal id are all positives."""
+                     text_ids: Tensor | None = None, positives: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE of L2-normalised features ``(B, D)``; with ``text_ids`` ``(B,)`` items of equal id are
+    all positives; with ``positives`` ``(B, B)`` bool (image i, text j; the diagonal set), the image-to-text targets
+    of image i are uniform over its row and the text-to-image targets of text j over its column."""
     logits = logit_scale.exp() * image_features @ text_features.t()
+    if positives is not None:
+        pos = positives.float()
+        return (F.cross_entropy(logits, pos / pos.sum(dim=1, keepdim=True))
+                + F.cross_entropy(logits.t(), pos.t() / pos.t().sum(dim=1, keepdim=True))) / 2
     if text_ids is None:
         labels = torch.arange(logits.shape[0])
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
     pos = (text_ids[:, None] == text_ids[None, :]).float()
     targets = pos / pos.sum(dim=1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def crop_colour(caption: str) -> str | None:
+    """The colour a thing crop's caption names (``"a photo of a red star"`` -> ``"red"``), else None."""
+    m = _CROP_CAPTION.match(caption)
+    return m.group("color") if m and m.group("thing") else None
+
+
+def semantic_positives(texts: Sequence[str], categories: Sequence[str | None], colours: Sequence[str | None]
+                       ) -> Tensor:
+    """``(B, B)`` bool: text j is true of image i (see ``TrainConfig.semantic_targets``).
+
+    Args:
+        texts: the caption drawn for each item.
+        categories: each item's crop class (None for a whole scene).
+        colours: each item's crop colour (None for stuff and scenes).
+    """
+    def ids(values: Sequence[str | None]) -> Tensor:
+        index: dict[str, int] = {}
+        return torch.tensor([-1 if v is None else index.setdefault(v, len(index)) for v in values])
+
+    text, category, colour = ids(texts), ids(categories), ids(colours)
+    names_colour = torch.tensor([c is not None and c in t.split() for t, c in zip(texts, colours)])
+    same_text = text[:, None] == text[None, :]
+    same_class = (category[:, None] == category[None, :]) & (category[None, :] >= 0)
+    colour_ok = ~names_colour[None, :] | (colour[:, None] == colour[None, :])
+    return same_text | (same_class & colour_ok)
 
 
 class _Tokens:
@@ -354,6 +395,14 @@ class _Tokens:
             for t, row in zip(missing, self.tokenizer(missing)):
                 self.cache[t] = row
         return torch.stack([self.cache[t] for t in texts])
+
+
+#: TrainConfig fields that do not change the trained weights: a run may resume with other values of these.
+_BOOKKEEPING_FIELDS = ("eval_every", "patience", "checkpoint_every", "log_every")
+
+
+def _trajectory(train_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train_config.items() if k not in _BOOKKEEPING_FIELDS}
 
 
 def train_clip(
@@ -398,6 +447,7 @@ def train_clip(
     total = cfg.steps if cfg.steps is not None else max(1, int(math.ceil(cfg.epochs * per_epoch)))
     is_crop_all = torch.arange(n) < data.n_crops
     weights = torch.tensor(cfg.variant_weights, dtype=torch.float64)
+    colours = [crop_colour(c[0]) if i < data.n_crops else None for i, c in enumerate(data.captions)]
 
     curve: list[dict[str, Any]] = []
     losses: list[float] = []
@@ -411,7 +461,8 @@ def train_clip(
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
-        if state["items"] != n or state["total"] != total or state["train_config"] != asdict(cfg):
+        same_run = _trajectory(state["train_config"]) == _trajectory(asdict(cfg))
+        if state["items"] != n or state["total"] != total or not same_run:
             raise ValueError(f"{checkpoint}: a checkpoint of another CLIP training run (other data or config); "
                              "delete it to start over")
         model.load_state_dict(state["model"])
@@ -474,8 +525,11 @@ def train_clip(
             else:
                 texts.append(variants[0])
         text_tokens = tokens(texts)
-        ids = None
-        if cfg.dedup_targets:
+        ids = positives = None
+        if cfg.semantic_targets:
+            chosen = idx.tolist()
+            positives = semantic_positives(texts, [data.categories[i] for i in chosen], [colours[i] for i in chosen])
+        elif cfg.dedup_targets:
             index: dict[str, int] = {}
             ids = torch.tensor([index.setdefault(t, len(index)) for t in texts])
         x = clip_input(data.images[idx], size)
@@ -485,7 +539,7 @@ def train_clip(
             group["lr"] = lr
         image_features = F.normalize(model.encode_image(x), dim=-1)
         text_features = F.normalize(encode_text_trimmed(model, text_tokens), dim=-1)
-        loss = contrastive_loss(image_features, text_features, model.logit_scale, ids)
+        loss = contrastive_loss(image_features, text_features, model.logit_scale, ids, positives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -25,6 +25,7 @@ from shapes_clip import (  # noqa: E402
     load_shapes_clip,
     load_split,
     save_clip,
+    semantic_positives,
     sidecar_path,
     train_clip,
     zero_shot_eval,
@@ -187,3 +188,30 @@ def test_caption_variants_and_duplicate_aware_loss():
     assert contrastive_loss(apart, apart, scale) < contrastive_loss(together, together, scale)
     ids = torch.tensor([0, 0, 1])
     assert contrastive_loss(together, together, scale, ids) < contrastive_loss(apart, apart, scale, ids)
+
+
+def test_semantic_positives_mark_every_text_true_of_an_image():
+    texts = ["a photo of a red star", "star", "blue star", "a photo of the sky", "red circle", "a red star and a sky",
+             "sky"]
+    categories = ["star", "star", "star", "sky", "circle", None, "sky"]
+    colours = ["red", "blue", "blue", None, "red", None, None]
+    # rows: images, columns: texts; written out by hand
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0, 0],  # red star: its caption, "star"; not "blue star"
+        [0, 1, 1, 0, 0, 0, 0],  # blue star: "star", "blue star"; not the red star's caption
+        [0, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 1],  # a sky crop: both sky captions
+        [0, 0, 0, 0, 1, 0, 0],  # red circle: only its own ("red" does not make the red star's texts true)
+        [0, 0, 0, 0, 0, 1, 0],  # a scene: only its own caption
+        [0, 0, 0, 1, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(semantic_positives(texts, categories, colours), expected)
+    # and the loss with these targets is the mean of the two cross-entropies over the rows / columns
+    f = torch.nn.functional.normalize(torch.randn(7, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    g = torch.nn.functional.normalize(torch.randn(7, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * f @ g.t()
+    rows = -(expected.float() / expected.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    cols = -(expected.t().float() / expected.t().sum(1, keepdim=True) * logits.t().log_softmax(1)).sum(1).mean()
+    assert contrastive_loss(f, g, scale, positives=expected).item() == pytest.approx(((rows + cols) / 2).item(),
+                                                                                     rel=1e-6)
